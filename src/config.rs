@@ -1,0 +1,474 @@
+//! Agent options: every flag is also a `WSDRAIN_*` env var (DESIGN.md, "agent options").
+//! `AgentArgs` is what clap parses; `AgentArgs::validate` turns it into an `AgentConfig`
+//! whose fields are all checked, so the rest of the agent never sees a bad value.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::drain::hint::{HintError, HintTemplate};
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("--hint-template: {0}")]
+    Hint(#[from] HintError),
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Parses `250ms`, `25s`, `2m`, `1h`, `1.5s` or a bare `0`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("'{s}' has no unit (use ms, s, m or h, e.g. 250ms or 25s)"))?;
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' does not start with a number"))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("'{s}' has unknown unit '{unit}' (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || !(0.0..=86_400.0).contains(&secs) {
+        return Err(format!("'{s}' is out of range (0 to 24h)"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Formats a duration the way `parse_duration` reads it back.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// `MIN..MAX` (e.g. `0ms..2s`) or a single duration for a fixed value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationRange {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+pub fn parse_range(s: &str) -> Result<DurationRange, String> {
+    let (min, max) = match s.split_once("..") {
+        Some((a, b)) => (parse_duration(a)?, parse_duration(b)?),
+        None => {
+            let d = parse_duration(s)?;
+            (d, d)
+        }
+    };
+    if min > max {
+        return Err(format!("'{s}': the minimum is larger than the maximum"));
+    }
+    Ok(DurationRange { min, max })
+}
+
+fn parse_ports(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u16>() {
+        Ok(0) => Err("port 0 is not a port".into()),
+        Ok(p) => Ok(p),
+        Err(_) => Err(format!("'{s}' is not a port number (1-65535)")),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Options of `wsdrain agent` (and of `wsdrain wrap`, which runs the same agent in-process).
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentArgs {
+    /// Address of the agent HTTP API (readyz, prestop, drain, status, metrics).
+    #[arg(long, env = "WSDRAIN_LISTEN", default_value = "0.0.0.0:19901")]
+    pub listen: SocketAddr,
+
+    /// The app's ports whose established TCP connections are counted (comma list).
+    #[arg(long, env = "WSDRAIN_PORTS", value_delimiter = ',', value_parser = parse_ports, required = true)]
+    pub ports: Vec<u16>,
+
+    /// Count only sockets on this local address (labs running several pods on 127.0.0.N).
+    #[arg(long, env = "WSDRAIN_ADDRESS")]
+    pub address: Option<IpAddr>,
+
+    /// Base URL of the app's admin API v1 (loopback). Without it the agent only waits.
+    #[arg(long, env = "WSDRAIN_ADMIN_URL")]
+    pub admin_url: Option<String>,
+
+    /// Per-call timeout for admin API requests.
+    #[arg(long, env = "WSDRAIN_ADMIN_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub admin_timeout: Duration,
+
+    /// The pod's terminationGracePeriodSeconds; sets the default drain timeout.
+    #[arg(long, env = "WSDRAIN_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration)]
+    pub grace_period: Duration,
+
+    /// Time left to the app between the end of the drain and SIGKILL.
+    #[arg(long, env = "WSDRAIN_APP_RESERVE", default_value = "5s", value_parser = parse_duration)]
+    pub app_reserve: Duration,
+
+    /// Bound of the whole drain [default: grace period - app reserve].
+    #[arg(long, env = "WSDRAIN_DRAIN_TIMEOUT", value_parser = parse_duration)]
+    pub drain_timeout: Option<Duration>,
+
+    /// Least time to wait for the ingress to stop sending new connections.
+    #[arg(long, env = "WSDRAIN_SETTLE_MIN", default_value = "2s", value_parser = parse_duration)]
+    pub settle_min: Duration,
+
+    /// Settling ends once no new connection arrived for this long.
+    #[arg(long, env = "WSDRAIN_SETTLE_QUIET", default_value = "1s", value_parser = parse_duration)]
+    pub settle_quiet: Duration,
+
+    /// Most time spent settling.
+    #[arg(long, env = "WSDRAIN_SETTLE_MAX", default_value = "15s", value_parser = parse_duration)]
+    pub settle_max: Duration,
+
+    /// Interval between two close batches.
+    #[arg(long, env = "WSDRAIN_CLOSE_TICK", default_value = "100ms", value_parser = parse_duration)]
+    pub close_tick: Duration,
+
+    /// Time over which closes are spread (shrunk to fit the deadline).
+    #[arg(long, env = "WSDRAIN_CLOSE_WINDOW", default_value = "10s", value_parser = parse_duration)]
+    pub close_window: Duration,
+
+    /// WebSocket close code sent to clients: 1012, 1001 or 4000-4999.
+    #[arg(long, env = "WSDRAIN_CLOSE_CODE", default_value_t = 1012)]
+    pub close_code: u16,
+
+    /// Range of reconnect delays put into the hint, varied per batch (e.g. 0ms..2s).
+    #[arg(long, env = "WSDRAIN_RECONNECT_AFTER", default_value = "0ms..2s", value_parser = parse_range)]
+    pub reconnect_after: DurationRange,
+
+    /// Close reason template; {after_ms} is replaced by the reconnect delay. At most 123 bytes.
+    #[arg(long, env = "WSDRAIN_HINT_TEMPLATE", default_value = crate::drain::hint::DEFAULT_TEMPLATE)]
+    pub hint_template: String,
+
+    /// Interval between two connection counts.
+    #[arg(long, env = "WSDRAIN_POLL", default_value = "100ms", value_parser = parse_duration)]
+    pub poll: Duration,
+
+    /// Token required in the X-Wsdrain-Token header of /prestop and /drain.
+    #[arg(long, env = "WSDRAIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// Accept /prestop and /drain only from loopback and these addresses (e.g. HOST_IP).
+    #[arg(long, env = "WSDRAIN_TRIGGER_FROM", value_delimiter = ',')]
+    pub trigger_from: Vec<IpAddr>,
+
+    /// Time the agent stays up after a SIGTERM-ended drain so that hook answers get out.
+    #[arg(long, env = "WSDRAIN_LINGER", default_value = "250ms", value_parser = parse_duration)]
+    pub linger: Duration,
+
+    /// Do not talk to the Kubernetes API even when POD_NAME/POD_NAMESPACE are set.
+    #[arg(long, env = "WSDRAIN_NO_KUBE")]
+    pub no_kube: bool,
+
+    /// The own pod's name (downward API), enables the Kubernetes API client.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+
+    /// The own pod's namespace (downward API).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+
+    /// Patch the readiness-gate condition wsdrain.io/serving on the own pod.
+    #[arg(long, env = "WSDRAIN_READINESS_GATE")]
+    pub readiness_gate: bool,
+
+    /// Where the drain summary is written on exit ("" disables).
+    #[arg(long, env = "WSDRAIN_TERMINATION_LOG", default_value = "/dev/termination-log")]
+    pub termination_log: PathBuf,
+}
+
+/// Checked agent settings. Built only by `AgentArgs::validate`.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub listen: SocketAddr,
+    pub ports: Vec<u16>,
+    pub address: Option<IpAddr>,
+    pub admin_url: Option<hyper::Uri>,
+    pub admin_timeout: Duration,
+    pub grace_period: Duration,
+    pub app_reserve: Duration,
+    pub drain_timeout: Duration,
+    pub settle_min: Duration,
+    pub settle_quiet: Duration,
+    pub settle_max: Duration,
+    pub close_tick: Duration,
+    pub close_window: Duration,
+    pub close_code: u16,
+    pub reconnect_after: DurationRange,
+    pub hint: HintTemplate,
+    pub poll: Duration,
+    pub token: Option<String>,
+    pub trigger_from: Vec<IpAddr>,
+    pub linger: Duration,
+    pub kube: Option<PodRef>,
+    pub readiness_gate: bool,
+    pub termination_log: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRef {
+    pub name: String,
+    pub namespace: String,
+}
+
+/// Close codes a client library will accept from a server for "go away, come back".
+pub fn check_close_code(code: u16) -> Result<(), String> {
+    match code {
+        1001 | 1012 | 4000..=4999 => Ok(()),
+        _ => Err(format!("{code} is not allowed (use 1012, 1001 or 4000-4999)")),
+    }
+}
+
+const MAX_TOKEN_LEN: usize = 256;
+
+impl AgentArgs {
+    pub fn validate(self) -> Result<AgentConfig, ConfigError> {
+        let mut ports = self.ports;
+        if ports.is_empty() {
+            return Err(invalid("--ports", "at least one app port is required"));
+        }
+        ports.sort_unstable();
+        ports.dedup();
+
+        let admin_url = match self.admin_url.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(raw) => Some(parse_admin_url(raw)?),
+        };
+        if self.admin_timeout.is_zero() {
+            return Err(invalid("--admin-timeout", "must be more than 0"));
+        }
+        if self.app_reserve >= self.grace_period && self.drain_timeout.is_none() {
+            return Err(invalid(
+                "--app-reserve",
+                format!(
+                    "{} leaves no drain time in a grace period of {} (set --drain-timeout or a longer --grace-period)",
+                    format_duration(self.app_reserve),
+                    format_duration(self.grace_period)
+                ),
+            ));
+        }
+        let drain_timeout = self
+            .drain_timeout
+            .unwrap_or(self.grace_period.saturating_sub(self.app_reserve));
+        if drain_timeout.is_zero() {
+            return Err(invalid("--drain-timeout", "must be more than 0"));
+        }
+        if self.settle_min > self.settle_max {
+            return Err(invalid(
+                "--settle-min",
+                format!(
+                    "{} is longer than --settle-max {}",
+                    format_duration(self.settle_min),
+                    format_duration(self.settle_max)
+                ),
+            ));
+        }
+        for (field, d) in [("--close-tick", self.close_tick), ("--poll", self.poll)] {
+            if d < Duration::from_millis(1) {
+                return Err(invalid(field, "must be at least 1ms"));
+            }
+        }
+        if self.close_window.is_zero() {
+            return Err(invalid("--close-window", "must be more than 0"));
+        }
+        check_close_code(self.close_code).map_err(|e| invalid("--close-code", e))?;
+        if self.reconnect_after.max > Duration::from_secs(3600) {
+            return Err(invalid("--reconnect-after", "must be at most 1h"));
+        }
+        let hint = HintTemplate::parse(&self.hint_template)?;
+        // The longest value must still fit in a close frame.
+        hint.render(self.reconnect_after.max.as_millis() as u64)?;
+
+        let token = match self.token {
+            Some(t) if t.is_empty() => None,
+            Some(t) if t.len() > MAX_TOKEN_LEN || !t.bytes().all(|b| b.is_ascii_graphic()) => {
+                return Err(invalid(
+                    "--token",
+                    format!("must be 1-{MAX_TOKEN_LEN} visible ASCII characters"),
+                ));
+            }
+            t => t,
+        };
+        let kube = match (self.no_kube, self.pod_name, self.pod_namespace) {
+            (false, Some(name), Some(namespace)) if !name.is_empty() && !namespace.is_empty() => {
+                Some(PodRef { name, namespace })
+            }
+            _ => None,
+        };
+        let termination_log = Some(self.termination_log).filter(|p| !p.as_os_str().is_empty());
+
+        Ok(AgentConfig {
+            listen: self.listen,
+            ports,
+            address: self.address,
+            admin_url,
+            admin_timeout: self.admin_timeout,
+            grace_period: self.grace_period,
+            app_reserve: self.app_reserve,
+            drain_timeout,
+            settle_min: self.settle_min,
+            settle_quiet: self.settle_quiet,
+            settle_max: self.settle_max,
+            close_tick: self.close_tick,
+            close_window: self.close_window,
+            close_code: self.close_code,
+            reconnect_after: self.reconnect_after,
+            hint,
+            poll: self.poll,
+            token,
+            trigger_from: self.trigger_from,
+            linger: self.linger,
+            kube,
+            readiness_gate: self.readiness_gate,
+            termination_log,
+        })
+    }
+}
+
+fn parse_admin_url(raw: &str) -> Result<hyper::Uri, ConfigError> {
+    let uri: hyper::Uri = raw
+        .trim_end_matches('/')
+        .parse()
+        .map_err(|e| invalid("--admin-url", format!("'{raw}' is not a URL: {e}")))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(invalid(
+            "--admin-url",
+            format!("'{raw}' must start with http:// (the admin API is plain HTTP on loopback)"),
+        ));
+    }
+    if uri.host().is_none() {
+        return Err(invalid("--admin-url", format!("'{raw}' has no host")));
+    }
+    Ok(uri)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<AgentConfig, String> {
+        let mut full = vec!["wsdrain"];
+        full.extend_from_slice(args);
+        let cli = Cli::try_parse_from(full).map_err(|e| e.to_string())?;
+        cli.agent.validate().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("25s"), Ok(Duration::from_secs(25)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("25").unwrap_err().contains("no unit"));
+        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("ms").unwrap_err().contains("number"));
+        assert!(parse_duration("48h").unwrap_err().contains("range"));
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(format_duration(Duration::from_secs(25)), "25s");
+    }
+
+    #[test]
+    fn ranges() {
+        let r = parse_range("0ms..2s").unwrap();
+        assert_eq!((r.min, r.max), (Duration::ZERO, Duration::from_secs(2)));
+        let fixed = parse_range("500ms").unwrap();
+        assert_eq!(fixed.min, fixed.max);
+        assert!(parse_range("2s..1s").unwrap_err().contains("larger"));
+    }
+
+    #[test]
+    fn defaults_follow_design() {
+        let c = parse(&["--ports", "8080"]).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:19901".parse().unwrap());
+        assert_eq!(c.drain_timeout, Duration::from_secs(25));
+        assert_eq!(c.settle_min, Duration::from_secs(2));
+        assert_eq!(c.settle_quiet, Duration::from_secs(1));
+        assert_eq!(c.settle_max, Duration::from_secs(15));
+        assert_eq!(c.close_tick, Duration::from_millis(100));
+        assert_eq!(c.close_window, Duration::from_secs(10));
+        assert_eq!(c.close_code, 1012);
+        assert_eq!(c.poll, Duration::from_millis(100));
+        assert_eq!(c.reconnect_after.max, Duration::from_secs(2));
+        assert!(c.admin_url.is_none());
+        assert!(c.kube.is_none());
+    }
+
+    #[test]
+    fn ports_list_and_dedup() {
+        let c = parse(&["--ports", "8081,8080,8081"]).unwrap();
+        assert_eq!(c.ports, vec![8080, 8081]);
+        assert!(parse(&["--ports", "80,x"]).unwrap_err().contains("not a port"));
+        assert!(parse(&["--ports", "0"]).unwrap_err().contains("port 0"));
+        assert!(parse(&[]).is_err());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--ports", "1", "--close-code", "1000"], "--close-code"),
+            (&["--ports", "1", "--settle-min", "20s"], "--settle-min"),
+            (&["--ports", "1", "--admin-url", "ftp://x"], "--admin-url"),
+            (&["--ports", "1", "--admin-url", "http://[bad"], "--admin-url"),
+            (&["--ports", "1", "--grace-period", "5s"], "--app-reserve"),
+            (&["--ports", "1", "--poll", "0"], "--poll"),
+            (&["--ports", "1", "--hint-template", "x"], "--hint-template"),
+            (&["--ports", "1", "--token", "a b"], "--token"),
+            (&["--ports", "1", "--close-tick", "10x"], "--close-tick"),
+        ];
+        for (args, field) in cases {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(field), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn drain_timeout_explicit_and_kube_needs_both_names() {
+        let c = parse(&["--ports", "1", "--drain-timeout", "7s", "--pod-name", "p"]).unwrap();
+        assert_eq!(c.drain_timeout, Duration::from_secs(7));
+        assert!(c.kube.is_none());
+        let c = parse(&["--ports", "1", "--pod-name", "p", "--pod-namespace", "n"]).unwrap();
+        assert_eq!(c.kube.unwrap().namespace, "n");
+        let c = parse(&[
+            "--ports",
+            "1",
+            "--pod-name",
+            "p",
+            "--pod-namespace",
+            "n",
+            "--no-kube",
+        ])
+        .unwrap();
+        assert!(c.kube.is_none());
+    }
+}

@@ -1,0 +1,1 @@
+//! The Kubernetes API side of the agent (stub: helper fills in).
