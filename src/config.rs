@@ -43,7 +43,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        _ => return Err(format!("'{s}' has unknown unit '{unit}' (use ms, s, m or h)")),
+        _ => {
+            return Err(format!(
+                "'{s}' has unknown unit '{unit}' (use ms, s, m or h)"
+            ));
+        }
     };
     if !secs.is_finite() || !(0.0..=86_400.0).contains(&secs) {
         return Err(format!("'{s}' is out of range (0 to 24h)"));
@@ -196,7 +200,11 @@ pub struct AgentArgs {
     pub readiness_gate: bool,
 
     /// Where the drain summary is written on exit ("" disables).
-    #[arg(long, env = "WSDRAIN_TERMINATION_LOG", default_value = "/dev/termination-log")]
+    #[arg(
+        long,
+        env = "WSDRAIN_TERMINATION_LOG",
+        default_value = "/dev/termination-log"
+    )]
     pub termination_log: PathBuf,
 }
 
@@ -238,7 +246,9 @@ pub struct PodRef {
 pub fn check_close_code(code: u16) -> Result<(), String> {
     match code {
         1001 | 1012 | 4000..=4999 => Ok(()),
-        _ => Err(format!("{code} is not allowed (use 1012, 1001 or 4000-4999)")),
+        _ => Err(format!(
+            "{code} is not allowed (use 1012, 1001 or 4000-4999)"
+        )),
     }
 }
 
@@ -428,7 +438,11 @@ mod tests {
     fn ports_list_and_dedup() {
         let c = parse(&["--ports", "8081,8080,8081"]).unwrap();
         assert_eq!(c.ports, vec![8080, 8081]);
-        assert!(parse(&["--ports", "80,x"]).unwrap_err().contains("not a port"));
+        assert!(
+            parse(&["--ports", "80,x"])
+                .unwrap_err()
+                .contains("not a port")
+        );
         assert!(parse(&["--ports", "0"]).unwrap_err().contains("port 0"));
         assert!(parse(&[]).is_err());
     }
@@ -439,7 +453,10 @@ mod tests {
             (&["--ports", "1", "--close-code", "1000"], "--close-code"),
             (&["--ports", "1", "--settle-min", "20s"], "--settle-min"),
             (&["--ports", "1", "--admin-url", "ftp://x"], "--admin-url"),
-            (&["--ports", "1", "--admin-url", "http://[bad"], "--admin-url"),
+            (
+                &["--ports", "1", "--admin-url", "http://[bad"],
+                "--admin-url",
+            ),
             (&["--ports", "1", "--grace-period", "5s"], "--app-reserve"),
             (&["--ports", "1", "--poll", "0"], "--poll"),
             (&["--ports", "1", "--hint-template", "x"], "--hint-template"),

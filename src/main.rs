@@ -6,10 +6,19 @@ use clap::{Parser, Subcommand};
 use wsdrain::config::{AgentArgs, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "wsdrain", version, about = "Graceful pod termination for WebSocket services")]
+#[command(
+    name = "wsdrain",
+    version,
+    about = "Graceful pod termination for WebSocket services"
+)]
 struct Cli {
     /// Log format: json lines (default) or text.
-    #[arg(long, global = true, env = "WSDRAIN_LOG_FORMAT", default_value = "json")]
+    #[arg(
+        long,
+        global = true,
+        env = "WSDRAIN_LOG_FORMAT",
+        default_value = "json"
+    )]
     log_format: LogFormat,
 
     #[command(subcommand)]

@@ -74,6 +74,9 @@ mod tests {
             HintTemplate::parse(&long),
             Err(HintError::TooLong(_))
         ));
-        assert_eq!(HintTemplate::parse("a\n{after_ms}"), Err(HintError::Control));
+        assert_eq!(
+            HintTemplate::parse("a\n{after_ms}"),
+            Err(HintError::Control)
+        );
     }
 }

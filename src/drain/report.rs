@@ -56,6 +56,8 @@ pub enum Notice {
         budget_ms: u64,
     },
     /// First failure of the admin endpoint in this drain (later ones are only counted).
-    AdminFailing { error: String },
+    AdminFailing {
+        error: String,
+    },
     Finished(Summary),
 }

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs what the tests, demo and lab need on a fresh Debian machine. Idempotent; runs as
+# root (or with sudo) for apt. Python tools go into .venv, Node's `ws` into tests/node.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+need_apt=()
+command -v haproxy >/dev/null || need_apt+=(haproxy)
+command -v ss >/dev/null || need_apt+=(iproute2)
+command -v curl >/dev/null || need_apt+=(curl)
+command -v node >/dev/null || need_apt+=(nodejs)
+command -v npm >/dev/null || need_apt+=(npm)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: apt-get install ${need_apt[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "setup: installing Rust with rustup"
+  curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+  # shellcheck disable=SC1091
+  . "$HOME/.cargo/env"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python -c 'import websockets, kubernetes_validate' 2>/dev/null; then
+  echo "setup: pip install websockets kubernetes-validate"
+  .venv/bin/pip install -q --disable-pip-version-check -r scripts/requirements.txt
+fi
+
+if [ ! -d tests/node/node_modules/ws ]; then
+  echo "setup: npm install ws"
+  (cd tests/node && npm install --silent --no-audit --no-fund >/dev/null)
+fi
