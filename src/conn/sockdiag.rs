@@ -7,12 +7,13 @@
 use std::net::IpAddr;
 
 use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSG_OVERRUN, NetlinkBuffer,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, Parseable,
 };
 use netlink_packet_sock_diag::{
-    SockDiagMessage,
-    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
-    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+    SOCK_DIAG_BY_FAMILY, SockDiagMessage,
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP, TCP_ESTABLISHED},
+    inet::{ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
@@ -102,24 +103,19 @@ impl SockDiag {
                 .get(..n)
                 .ok_or_else(|| decode("datagram truncated"))?;
             while !data.is_empty() {
-                let msg = NetlinkMessage::<SockDiagMessage>::deserialize(data)
-                    .map_err(|e| decode(&e.to_string()))?;
-                let len = msg.header.length as usize;
-                if len == 0 {
-                    return Err(decode("zero-length netlink message"));
-                }
-                // Messages are 4-byte aligned inside a datagram.
-                data = data.get(len.next_multiple_of(4)..).unwrap_or(&[]);
-                // Leftovers of an earlier dump that ended in an error: not ours.
-                if msg.header.sequence_number != seq {
-                    continue;
-                }
-                match msg.payload {
-                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                        let h = &r.header;
+                let msg = NetlinkBuffer::new_checked(data).map_err(|e| decode(&e.to_string()))?;
+                let len = msg.length() as usize;
+                // Leftovers of an earlier dump that ended in an error are not ours.
+                let ours = msg.sequence_number() == seq;
+                match msg.message_type() {
+                    // Only the fixed header of each reply is parsed (no attributes): that
+                    // is all we need and keeps a 10k-socket dump cheap.
+                    SOCK_DIAG_BY_FAMILY if ours => {
+                        let h = InetResponseHeader::parse(msg.payload())
+                            .map_err(|e| decode(&e.to_string()))?;
                         // The kernel already filtered port and state; check anyway so a
-                        // kernel that ignores the port field cannot inflate the count.
-                        if h.state == netlink_packet_sock_diag::constants::TCP_ESTABLISHED
+                        // kernel that ignored the request fields cannot inflate the count.
+                        if h.state == TCP_ESTABLISHED
                             && h.socket_id.source_port == port
                             && address
                                 .is_none_or(|a| matches_address(h.socket_id.source_address, a))
@@ -127,15 +123,27 @@ impl SockDiag {
                             ids.push(cookie(&h.socket_id.cookie));
                         }
                     }
-                    NetlinkPayload::Done(d) if d.code < 0 => {
-                        return Err(std::io::Error::from_raw_os_error(-d.code).into());
+                    NLMSG_DONE | NLMSG_ERROR if ours => {
+                        let end = NetlinkMessage::<SockDiagMessage>::deserialize(data)
+                            .map_err(|e| decode(&e.to_string()))?;
+                        match end.payload {
+                            NetlinkPayload::Done(d) if d.code < 0 => {
+                                return Err(std::io::Error::from_raw_os_error(-d.code).into());
+                            }
+                            NetlinkPayload::Error(e) if e.code.is_some() => {
+                                return Err(e.to_io().into());
+                            }
+                            // DONE, or an ACK (error code 0).
+                            _ => return Ok(()),
+                        }
                     }
-                    NetlinkPayload::Done(_) => return Ok(()),
-                    NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io().into()),
-                    NetlinkPayload::Overrun(_) => return Err(decode("netlink overrun")),
-                    // ACKs, no-ops and other message kinds carry no sockets.
+                    NLMSG_OVERRUN => return Err(decode("netlink overrun")),
+                    // No-ops and other dumps' messages carry none of our sockets.
                     _ => {}
                 }
+                // Messages are 4-byte aligned inside a datagram; new_checked ensured len
+                // covers at least a header, so this always advances.
+                data = data.get(len.next_multiple_of(4)..).unwrap_or(&[]);
             }
         }
         Err(decode("dump did not end"))
