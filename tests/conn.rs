@@ -137,6 +137,7 @@ fn other_port_and_other_address_are_not_counted() {
         "duplicate ports count once"
     );
     assert_eq!(count(&filter(&[], None)), 0);
+    assert_eq!(count(&filter(&[0], None)), 0, "port 0 is not a wildcard");
 }
 
 #[test]
@@ -246,6 +247,10 @@ fn ids_are_stable_and_a_new_connection_has_a_new_id() {
 
 #[test]
 fn counter_prefers_sock_diag_and_counts() {
+    // The agent moves it into a blocking task.
+    fn assert_send<T: Send>() {}
+    assert_send::<Counter>();
+
     let ip = common::pod_ip();
     let mut s = Server::bind(SocketAddr::new(ip, 0)).unwrap();
     let port = s.port();

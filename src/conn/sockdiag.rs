@@ -50,6 +50,8 @@ impl SockDiag {
         let mut ports = filter.ports.clone();
         ports.sort_unstable();
         ports.dedup();
+        // Port 0 in the request means "any port": it can match nothing, so skip it.
+        ports.retain(|&p| p != 0);
         let mut ids = Vec::new();
         for &family in families(filter.address) {
             for &port in &ports {
@@ -97,7 +99,12 @@ impl SockDiag {
         self.socket.send(&out, 0)?;
 
         for _ in 0..MAX_DATAGRAMS {
-            let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
+            let n = match self.socket.recv(&mut &mut self.buf[..], 0) {
+                Ok(n) => n,
+                // A signal landed mid-dump: the rest of the dump is still queued.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
             let mut data = self
                 .buf
                 .get(..n)
