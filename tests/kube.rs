@@ -521,3 +521,60 @@ fn termination_message_written_on_both_outcomes() {
     // An unwritable path is an error, not a panic.
     assert!(write_termination_message(&dir.path().join("no/such/dir"), &huge).is_err());
 }
+
+// ---- manifests -----------------------------------------------------------------------------
+
+/// A pod as the injector leaves it with the readiness gate on (the shape the agent patches).
+const GATED_POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: ws
+  namespace: my-namespace
+  labels: {wsdrain.io/inject: "true"}
+  annotations: {wsdrain.io/readiness-gate: "true"}
+spec:
+  serviceAccountName: my-app
+  terminationGracePeriodSeconds: 30
+  readinessGates:
+    - conditionType: wsdrain.io/serving
+  containers:
+    - name: app
+      image: example/ws:1
+      ports: [{containerPort: 8080}]
+"#;
+
+fn kubernetes_validate(path: &std::path::Path) {
+    let bin =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/kubernetes-validate");
+    assert!(
+        bin.exists(),
+        "{} missing: run scripts/setup-deps.sh",
+        bin.display()
+    );
+    for version in ["1.33", "1.37"] {
+        let out = std::process::Command::new(&bin)
+            .args(["--strict", "-k", version])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{} against {version}: {}{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn manifests_pass_strict_validation() {
+    kubernetes_validate(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/rbac-app.yaml"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let pod = dir.path().join("pod.yaml");
+    std::fs::write(&pod, GATED_POD).unwrap();
+    kubernetes_validate(&pod);
+}
