@@ -13,6 +13,7 @@ mod termination;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
@@ -65,6 +66,9 @@ pub struct PodLink {
     failures: Failures,
     /// Learnt from the first read of the pod; `kubectl describe` matches Events by uid.
     uid: OnceLock<String>,
+    /// `publish` reads the pod for its uid at most once (a forbidden read would otherwise
+    /// cost a failed call before every Event).
+    uid_lookup_tried: AtomicBool,
     call_timeout: Duration,
 }
 
@@ -103,6 +107,7 @@ impl PodLink {
             readiness_gate,
             failures: Failures::default(),
             uid: OnceLock::new(),
+            uid_lookup_tried: AtomicBool::new(false),
             call_timeout: CALL_TIMEOUT,
         }
     }
@@ -237,10 +242,11 @@ impl PodLink {
         .await;
     }
 
-    /// Publishes the Event for a drain notice on the own pod.
+    /// Publishes the Event for a drain notice on the own pod. The first Event may cost one
+    /// extra bounded call (reading the pod's uid) unless `deletion_time` ran before.
     pub async fn publish(&self, notice: &Notice) {
         let event = event_for(notice);
-        if self.uid.get().is_none() {
+        if self.uid.get().is_none() && !self.uid_lookup_tried.swap(true, Ordering::Relaxed) {
             // Without the uid the Event exists but `kubectl describe pod` won't list it.
             self.deletion_time().await;
         }
