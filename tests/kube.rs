@@ -469,6 +469,27 @@ async fn wait_for_deletion_watches_own_pod_and_retries() {
 }
 
 #[tokio::test]
+async fn wait_for_deletion_rewatches_after_a_normal_end() {
+    let (link, mut handle) = mock_link(false);
+    let server = tokio::spawn(async move {
+        // A watch that ends (server timeout) without a deletion, then a forced deletion.
+        let (req, send) = next(&mut handle).await;
+        let uri = req.uri().to_string();
+        send.send_response(Response::new(watch_lines(&[("ADDED", pod_json(None))])));
+        let (req, send) = next(&mut handle).await;
+        assert_eq!(req.uri().to_string(), uri);
+        send.send_response(Response::new(watch_lines(&[("DELETED", pod_json(None))])));
+    });
+    let before = SystemTime::now();
+    let t = tokio::time::timeout(Duration::from_secs(10), link.wait_for_deletion())
+        .await
+        .expect("wait_for_deletion did not resolve");
+    assert!(t >= before);
+    assert_eq!(link.failures(), 0);
+    server.await.unwrap();
+}
+
+#[tokio::test]
 async fn wait_for_deletion_never_resolves_without_api() {
     let (link, mut handle) = mock_link(false);
     let server = tokio::spawn(async move {

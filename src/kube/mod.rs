@@ -40,6 +40,8 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 pub const SERVING_CONDITION: &str = "wsdrain.io/serving";
 /// `reportingController` of our Events.
 pub const REPORTING_CONTROLLER: &str = "wsdrain.io/agent";
+/// Pause between two watch attempts, doubled after each failure.
+const MIN_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest pause between two watch attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Server-side end of one watch request; the agent watches again after it.
@@ -178,7 +180,7 @@ impl PodLink {
         let wp = WatchParams::default()
             .fields(&format!("metadata.name={}", self.pod.name))
             .timeout(WATCH_SECONDS);
-        let mut backoff = Duration::from_secs(1);
+        let mut backoff = MIN_BACKOFF;
         loop {
             // "0": the watch opens with a synthetic ADDED of the current pod, so a
             // deletion that happened between two watches is not missed.
@@ -215,8 +217,11 @@ impl PodLink {
                     }
                 }
                 if healthy {
-                    // A watch that ran and ended normally: watch again at once.
-                    backoff = Duration::from_secs(1);
+                    // Ran and ended normally (server timeout): the next watch opens with the
+                    // current pod, so the short pause loses nothing and bounds the rate
+                    // against a proxy that cuts watches at once.
+                    backoff = MIN_BACKOFF;
+                    tokio::time::sleep(backoff).await;
                     continue;
                 }
             }
