@@ -599,3 +599,74 @@ fn manifests_pass_strict_validation() {
     std::fs::write(&pod, GATED_POD).unwrap();
     kubernetes_validate(&pod);
 }
+
+// ---- wiring into the drain runner ------------------------------------------------------------
+
+#[tokio::test]
+async fn deadline_probe_maps_deletion_to_instant() {
+    use k8s_openapi::jiff::Timestamp;
+    let (link, mut handle) = mock_link(false);
+    let in_12s = Timestamp::from_second(Timestamp::now().as_second() + 12)
+        .unwrap()
+        .to_string();
+    let server = tokio::spawn(async move {
+        let (_, send) = next(&mut handle).await;
+        respond(send, 200, &pod_json(Some(&in_12s)));
+        let (_, send) = next(&mut handle).await;
+        respond(send, 200, &pod_json(None));
+        let (_, send) = next(&mut handle).await;
+        respond(send, 403, &status_json(403, "Forbidden"));
+    });
+    let probe = wsdrain::kube::deadline_probe(
+        std::sync::Arc::new(link),
+        Duration::from_secs(25),
+        Duration::from_secs(5),
+    );
+    let before = Instant::now();
+    let d = probe().await.expect("deadline from deletionTimestamp");
+    // 12 s − 5 s reserve, with the timestamp's one-second resolution.
+    let left = d.duration_since(before);
+    assert!(
+        left > Duration::from_secs(5) && left <= Duration::from_secs(8),
+        "{left:?}"
+    );
+    assert_eq!(probe().await, None);
+    assert_eq!(probe().await, None);
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn follow_notices_unreadies_then_publishes() {
+    let (link, mut handle) = mock_link(true);
+    let (tx, rx) = tokio::sync::broadcast::channel(8);
+    let follower = tokio::spawn(wsdrain::kube::follow_notices(std::sync::Arc::new(link), rx));
+    tx.send(Notice::Started {
+        trigger: Trigger::Api,
+        connections: 3,
+        budget_ms: 25_000,
+    })
+    .unwrap();
+    let (req, send) = next(&mut handle).await;
+    assert_eq!(req.method(), Method::PATCH);
+    let body = json_body(req).await;
+    assert_eq!(body["status"]["conditions"][0]["status"], "False");
+    respond(send, 200, &pod_json(None));
+    let (req, send) = next(&mut handle).await;
+    assert_eq!(req.method(), Method::GET);
+    respond(send, 200, &pod_json(None));
+    expect_event(
+        &mut handle,
+        "Normal",
+        "DrainStarted",
+        &["POST /drain", "3 connections"],
+    )
+    .await;
+    tx.send(Notice::Finished(summary(Outcome::Drained)))
+        .unwrap();
+    expect_event(&mut handle, "Normal", "DrainCompleted", &["12.3s"]).await;
+    drop(tx);
+    tokio::time::timeout(Duration::from_secs(5), follower)
+        .await
+        .expect("follower did not end")
+        .unwrap();
+}

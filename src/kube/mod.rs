@@ -9,6 +9,7 @@ mod deadline;
 mod events;
 mod failures;
 mod termination;
+mod wiring;
 
 use std::future::Future;
 use std::pin::pin;
@@ -29,6 +30,7 @@ pub use deadline::drain_deadline;
 pub use events::{ACTION, event_for};
 pub use failures::{Call, Kind};
 pub use termination::{MAX_TERMINATION_MESSAGE, termination_message, write_termination_message};
+pub use wiring::{deadline_probe, follow_notices};
 
 use crate::config::PodRef;
 use crate::drain::report::Notice;
