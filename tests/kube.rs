@@ -670,3 +670,16 @@ async fn follow_notices_unreadies_then_publishes() {
         .expect("follower did not end")
         .unwrap();
 }
+
+#[tokio::test]
+async fn connect_is_bounded() {
+    // Here there is no cluster: an error (no config) or a client (a kubeconfig exists),
+    // but never a start-up that waits on the API.
+    let started = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(3), PodLink::connect(pod_ref(), false)).await;
+    assert!(r.is_ok(), "connect took longer than 3s");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    if let Ok(Err(e)) = r {
+        assert!(!e.to_string().is_empty());
+    }
+}
