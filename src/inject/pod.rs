@@ -100,6 +100,7 @@ fn plan(pod: &Value, settings: &InjectSettings) -> Result<(Ops, Vec<String>), St
         }
     }
     if let Some(status) = annotations.get(STATUS_ANNOTATION) {
+        let status = status.as_str().unwrap_or("?");
         return skip(format!("already injected ({STATUS_ANNOTATION}: {status})"));
     }
 
