@@ -152,3 +152,153 @@ fn tokens_end_up_in_hook_and_agent() {
     let text = serde_json::to_string(&patch).unwrap();
     assert_eq!(text.matches(&s.token).count(), 2, "{text}");
 }
+
+fn run_inject(input: &[u8], extra: &[&str], envs: &[(&str, &str)]) -> (String, String) {
+    use std::io::Write;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsdrain"));
+    cmd.args(["inject", "-f", "-"]).args(extra);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    );
+    assert!(out.status.success(), "inject failed: {stderr}");
+    (stdout, stderr)
+}
+
+fn docs(text: &str) -> Vec<Value> {
+    use serde::Deserialize;
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .collect()
+}
+
+/// kubernetes-validate --strict from the venv of scripts/setup-deps.sh.
+fn kubernetes_validate(text: &str) {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/kubernetes-validate");
+    assert!(venv.exists(), "run scripts/setup-deps.sh first");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("out.yaml");
+    std::fs::write(&file, text).unwrap();
+    let out = Command::new(venv)
+        .arg("--strict")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let report =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kubernetes-validate:\n{report}");
+}
+
+#[test]
+fn cli_injects_only_pod_templates() {
+    let input = std::fs::read_to_string(fixtures().join("cli-workloads.yaml")).unwrap();
+    let (out, err) = run_inject(
+        input.as_bytes(),
+        &["--image", "ghcr.io/wsdrain/wsdrain:test"],
+        &[("WSDRAIN_INJECT_TOKEN", TOKEN)],
+    );
+    assert!(err.contains("Deployment/echo: injected"), "{err}");
+    assert!(err.contains("CronJob/nightly: injected"), "{err}");
+
+    // The ConfigMap and the Service come out as written, byte for byte.
+    let tail = &input[input.find("# Not a workload").unwrap()..];
+    assert!(out.ends_with(tail), "{out}");
+
+    let (before, after) = (docs(&input), docs(&out));
+    assert_eq!(before.len(), 4);
+    assert_eq!(after.len(), 4);
+    for (i, tpl) in [
+        (0, "/spec/template"),
+        (1, "/spec/jobTemplate/spec/template"),
+    ] {
+        let mut b = before[i].clone();
+        let a = &after[i];
+        // Outside the template nothing changed.
+        *b.pointer_mut(tpl).unwrap() = a.pointer(tpl).unwrap().clone();
+        assert_eq!(&b, a);
+        // The template is what inject_pod makes of it.
+        let expected = outcome(before[i].pointer(tpl).unwrap(), &settings(false, true));
+        assert_eq!(a.pointer(tpl).unwrap(), &expected["pod"]);
+        assert_eq!(
+            a.pointer(&format!("{tpl}/spec/initContainers/0/name"))
+                .unwrap(),
+            "wsdrain"
+        );
+    }
+    kubernetes_validate(&out);
+
+    // Idempotent: the output goes through unchanged.
+    let (again, err) = run_inject(out.as_bytes(), &[], &[]);
+    assert_eq!(again, out);
+    assert!(err.contains("already injected"), "{err}");
+}
+
+#[test]
+fn cli_flags_and_random_tokens() {
+    let input = std::fs::read_to_string(fixtures().join("cli-workloads.yaml")).unwrap();
+    let (out, _) = run_inject(
+        input.as_bytes(),
+        &[
+            "--native-sidecars",
+            "false",
+            "--image",
+            "registry.example/wsdrain:9",
+        ],
+        &[],
+    );
+    let d = docs(&out);
+    let agent = d[0].pointer("/spec/template/spec/containers/1").unwrap();
+    assert_eq!(agent["name"], "wsdrain");
+    assert_eq!(agent["image"], "registry.example/wsdrain:9");
+    let token = |doc: &Value, tpl: &str| {
+        doc.pointer(&format!(
+            "{tpl}/spec/containers/0/lifecycle/preStop/httpGet/httpHeaders/0/value"
+        ))
+        .and_then(Value::as_str)
+        .unwrap()
+        .to_string()
+    };
+    let (t1, t2) = (
+        token(&d[0], "/spec/template"),
+        token(&d[1], "/spec/jobTemplate/spec/template"),
+    );
+    assert_eq!(t1.len(), 32);
+    assert_ne!(t1, t2, "one token per pod template");
+
+    // Namespace opt-in flag: a pod without the label is injected only with it.
+    let pod = std::fs::read(fixtures().join("namespace-opted-in.in.yaml")).unwrap();
+    let (out, err) = run_inject(&pod, &[], &[]);
+    assert!(err.contains("not opted in"), "{err}");
+    assert_eq!(out.as_bytes(), &pod[..]);
+    let (out, _) = run_inject(&pod, &["--namespace-opted-in"], &[]);
+    assert!(out.contains("wsdrain.io/status: injected"), "{out}");
+}
+
+#[test]
+fn cli_fails_on_bad_annotation_naming_the_object() {
+    let pod = std::fs::read(fixtures().join("bad-annotation.in.yaml")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wsdrain"))
+        .args(["inject", "-f"])
+        .arg(fixtures().join("bad-annotation.in.yaml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Pod/bad") && err.contains("wsdrain.io/drain-timeout"),
+        "{err}"
+    );
+    assert!(!pod.is_empty());
+}
