@@ -20,5 +20,9 @@ fi
 #  CKV_K8S_38  service account token: the agent talks to the API (readiness gate, events).
 skip=CKV_K8S_43,CKV_K8S_15,CKV_K8S_11,CKV_K8S_35,CKV_K8S_38
 
+files=(-f sidecar.yaml)
+for f in deploy/*.yaml; do
+    [[ $(basename "$f") == kustomization.yaml ]] || files+=(-f "$f")
+done
 "$venv/bin/checkov" --skip-download --quiet --compact --framework kubernetes \
-    --skip-check "$skip" -f sidecar.yaml -d deploy
+    --skip-check "$skip" "${files[@]}"
