@@ -7,6 +7,10 @@ use rand::Rng;
 use thiserror::Error;
 
 pub mod cli;
+mod containers;
+mod options;
+mod patch;
+mod pod;
 
 /// Image used when neither the webhook nor `inject` is told otherwise.
 pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/wsdrain/wsdrain:", env!("CARGO_PKG_VERSION"));
@@ -104,10 +108,7 @@ pub fn inject_pod(
     pod: &serde_json::Value,
     settings: &InjectSettings,
 ) -> Result<Decision, InjectError> {
-    let _ = (pod, settings);
-    Ok(Decision::Skip {
-        reason: "injection not built yet".into(),
-    })
+    pod::decide(pod, settings)
 }
 
 #[cfg(test)]
