@@ -355,11 +355,11 @@ async fn bad_requests_get_clear_errors_and_the_server_lives_on() {
         wrong.text()
     );
 
-    // Sent in full (chunk by chunk on the wire): cut off at the limit while reading.
+    // Just over the limit: read (and dropped) to the end, then 413 on a clean exchange.
     let huge = wh.post(vec![b' '; 3 * 1024 * 1024 + 1]).await;
     assert_eq!(huge.status, 413, "{}", huge.text());
 
-    // Declared too large up front: refused before any body byte is read.
+    // Declared far too large up front: refused before any body byte is read.
     let tcp = tokio::net::TcpStream::connect(wh.addr)
         .await
         .expect("connect");

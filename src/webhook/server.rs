@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -153,6 +153,10 @@ async fn mutate(req: Request<Incoming>, app: &App) -> Response<Body> {
 }
 
 /// The whole body, bounded in size and time; the error is the answer to send.
+///
+/// Past the limit we keep reading and discarding up to twice the limit before answering
+/// 413, so a client that is still sending sees the answer rather than a reset connection;
+/// beyond that (or when Content-Length already says so) we answer at once and close.
 async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, (StatusCode, String)> {
     let too_large = || {
         (
@@ -160,23 +164,44 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, (Statu
             format!("request body larger than {limit} bytes\n"),
         )
     };
-    // Refuse early when the client says up front that it is too big.
+    let drain_cap = limit.saturating_mul(2);
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    if declared.is_some_and(|n| n > drain_cap as u64) {
         return Err(too_large());
     }
-    let collect = Limited::new(req.into_body(), limit).collect();
-    match tokio::time::timeout(IO_TIMEOUT, collect).await {
-        Ok(Ok(body)) => Ok(body.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Ok(Err(e)) => Err((
-            StatusCode::BAD_REQUEST,
-            format!("reading request body: {e}\n"),
-        )),
+    let read = async {
+        let mut body = req.into_body();
+        let mut buf = Vec::with_capacity(declared.map_or(0, |n| n.min(limit as u64) as usize));
+        let mut seen = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                (
+                    StatusCode::BAD_REQUEST,
+                    format!("reading request body: {e}\n"),
+                )
+            })?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            seen = seen.saturating_add(data.len());
+            if seen > drain_cap {
+                break;
+            }
+            if seen <= limit {
+                buf.extend_from_slice(data);
+            }
+        }
+        if seen > limit {
+            return Err(too_large());
+        }
+        Ok(Bytes::from(buf))
+    };
+    match tokio::time::timeout(IO_TIMEOUT, read).await {
+        Ok(result) => result,
         Err(_) => Err((
             StatusCode::REQUEST_TIMEOUT,
             format!("request body not received within {IO_TIMEOUT:?}\n"),
