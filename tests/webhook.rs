@@ -385,6 +385,32 @@ async fn bad_requests_get_clear_errors_and_the_server_lives_on() {
     let head = String::from_utf8_lossy(&head[..n]);
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
 
+    // Chunked, no Content-Length: the limit is enforced while reading.
+    let tcp = tokio::net::TcpStream::connect(wh.addr)
+        .await
+        .expect("connect");
+    let mut tls = connector(wh.roots.clone())
+        .connect(ServerName::from(wh.addr.ip()), tcp)
+        .await
+        .expect("tls");
+    tls.write_all(b"POST /mutate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .expect("write");
+    let chunk = [b'{'; 64 * 1024];
+    for _ in 0..49 {
+        tls.write_all(b"10000\r\n").await.expect("write");
+        tls.write_all(&chunk).await.expect("write");
+        tls.write_all(b"\r\n").await.expect("write");
+    }
+    tls.write_all(b"0\r\n\r\n").await.expect("write");
+    let mut head = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut head))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+
     // Not TLS at all, then a TLS client that hangs up mid-handshake.
     let mut plain = tokio::net::TcpStream::connect(wh.addr)
         .await
@@ -404,11 +430,11 @@ async fn bad_requests_get_clear_errors_and_the_server_lives_on() {
     assert_eq!(wh.get("/mutate").await.status, 405);
     let metrics = wh.get("/metrics").await.text();
     assert!(
-        metrics.contains("wsdrain_webhook_admissions_total{result=\"invalid\"} 5"),
+        metrics.contains("wsdrain_webhook_admissions_total{result=\"invalid\"} 6"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("wsdrain_webhook_admission_duration_seconds_count 5"),
+        metrics.contains("wsdrain_webhook_admission_duration_seconds_count 6"),
         "{metrics}"
     );
 }
