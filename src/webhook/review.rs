@@ -29,7 +29,7 @@ pub struct Reply {
 /// Answers one AdmissionReview. `settings` is the template; each admitted pod gets a
 /// fresh token.
 pub fn review(body: &[u8], settings: &InjectSettings) -> Reply {
-    let raw: Value = match serde_json::from_slice(body) {
+    let mut raw: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(e) => return bad_request(format!("request body is not JSON: {e}")),
     };
@@ -41,8 +41,12 @@ pub fn review(body: &[u8], settings: &InjectSettings) -> Reply {
              and kind {kind:?} (list only v1 in admissionReviewVersions)"
         ));
     }
-    // The injector works on the pod as sent, not on kube's re-typed copy of it.
-    let pod = raw.pointer("/request/object").cloned();
+    // The injector works on the pod as sent, so it is moved out before kube's typed
+    // decoding, which then has no pod to re-type (nor oldObject, which we never read).
+    let pod = raw.pointer_mut("/request/object").map(Value::take);
+    if let Some(old) = raw.pointer_mut("/request/oldObject") {
+        old.take();
+    }
     let review: AdmissionReview<DynamicObject> = match serde_json::from_value(raw) {
         Ok(r) => r,
         Err(e) => return bad_request(format!("invalid AdmissionReview: {e}")),
@@ -188,11 +192,16 @@ fn finish(
 /// Serializes the response review. kube 5 writes `patch` as an array of numbers
 /// (kube-rs issue #1781); the API says []byte, which JSON carries as base64, so we
 /// rewrite it to what every API server version documents.
-fn encode(resp: AdmissionResponse) -> Result<Vec<u8>, serde_json::Error> {
+fn encode(mut resp: AdmissionResponse) -> Result<Vec<u8>, serde_json::Error> {
+    // Take the bytes out first: as a JSON array of numbers they would cost more than
+    // the whole rest of the admission.
+    let patch = resp.patch.take();
     let mut out = serde_json::to_value(resp.into_review())?;
-    if let Some(patch) = out.pointer_mut("/response/patch") {
-        let bytes: Vec<u8> = serde_json::from_value(patch.take())?;
-        *patch = Value::String(base64(&bytes));
+    if let (Some(patch), Some(response)) = (
+        patch,
+        out.get_mut("response").and_then(Value::as_object_mut),
+    ) {
+        response.insert("patch".into(), Value::String(base64(&patch)));
     }
     serde_json::to_vec(&out)
 }
@@ -222,23 +231,27 @@ fn bad_request_uid(uid: &str, message: String) -> Reply {
 /// Standard base64 with padding (RFC 4648 §4); small enough not to need a crate.
 pub fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
+    let sextet = |n: u32, shift: u32| ALPHABET[(n >> shift & 63) as usize];
+    let mut out = Vec::with_capacity(data.len().div_ceil(3) * 4);
+    let chunks = data.chunks_exact(3);
+    let rest = chunks.remainder();
+    for c in chunks {
+        let n = u32::from(c[0]) << 16 | u32::from(c[1]) << 8 | u32::from(c[2]);
+        out.extend_from_slice(&[sextet(n, 18), sextet(n, 12), sextet(n, 6), sextet(n, 0)]);
     }
-    out
+    match *rest {
+        [a] => {
+            let n = u32::from(a) << 16;
+            out.extend_from_slice(&[sextet(n, 18), sextet(n, 12), b'=', b'=']);
+        }
+        [a, b] => {
+            let n = u32::from(a) << 16 | u32::from(b) << 8;
+            out.extend_from_slice(&[sextet(n, 18), sextet(n, 12), sextet(n, 6), b'=']);
+        }
+        _ => {}
+    }
+    // Only ASCII from ALPHABET and '=' went in.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 #[cfg(test)]
