@@ -521,11 +521,31 @@ async fn self_signed_prints_a_ca_bundle_that_clients_can_use() {
         "705ab4f5-6393-11e8-b7cc-42010a800002"
     );
 
+    // An idle keep-alive connection (as the API server keeps) must not hold up SIGTERM.
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let tls = connector(roots_from_pem(&b64decode(bundle)))
+        .connect(ServerName::from(ip), tcp)
+        .await
+        .expect("tls");
+    let (mut idle, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("http1");
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get("/healthz")
+        .header(http::header::HOST, "x")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    assert_eq!(
+        idle.send_request(req).await.expect("response").status(),
+        200
+    );
+
     // SIGTERM: a clean, prompt exit.
     common::signal(proc.pid(), nix::sys::signal::Signal::SIGTERM);
     let status = proc
-        .wait_timeout(Duration::from_secs(10))
-        .expect("exits after SIGTERM");
+        .wait_timeout(Duration::from_secs(3))
+        .expect("exits promptly after SIGTERM despite an idle keep-alive connection");
+    let _ = conn.await;
     assert!(status.success(), "{status:?}");
 }
 

@@ -23,11 +23,18 @@ use crate::inject::InjectSettings;
 /// The API server sends one pod per request; 3 MiB is etcd's object limit (1.5 MiB)
 /// with room for the AdmissionReview envelope and oldObject.
 pub const DEFAULT_BODY_LIMIT: usize = 3 * 1024 * 1024;
-/// Handshake, headers and body must each arrive within this; the API server's own
-/// webhook timeout is at most 30 s, usually 5 s.
+/// Handshake and body must each arrive within this; the API server's own webhook
+/// timeout is at most 30 s, usually 5 s.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// In-flight requests get this long after SIGTERM.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// hyper's header-read timer also runs while a keep-alive connection is idle. The API
+/// server's Go client keeps idle connections 90 s; closing ours sooner would race its
+/// next POST on the same connection (a failed call = a pod without agent), so we outlast
+/// it and let the client close first.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Caps what slow or idle clients can hold; the API server needs a handful.
+const MAX_CONNECTIONS: usize = 1024;
 
 pub struct App {
     pub settings: InjectSettings,
@@ -46,7 +53,15 @@ pub async fn serve(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let permit = tokio::select! {
+            () = stop.cancelled() => break,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
         let (tcp, peer) = tokio::select! {
             () = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -64,6 +79,7 @@ pub async fn serve(
         let app = app.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let _permit = permit;
             let tls = match tokio::time::timeout(IO_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -81,7 +97,7 @@ pub async fn serve(
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(IO_TIMEOUT)
+                .header_read_timeout(IDLE_TIMEOUT)
                 .serve_connection(TokioIo::new(tls), service);
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
