@@ -58,7 +58,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Formats a duration the way `parse_duration` reads it back.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
@@ -84,6 +84,11 @@ pub fn parse_range(s: &str) -> Result<DurationRange, String> {
         return Err(format!("'{s}': the minimum is larger than the maximum"));
     }
     Ok(DurationRange { min, max })
+}
+
+/// A path; empty is allowed and means "off".
+fn parse_path(s: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(s))
 }
 
 fn parse_ports(s: &str) -> Result<u16, String> {
@@ -203,7 +208,8 @@ pub struct AgentArgs {
     #[arg(
         long,
         env = "WSDRAIN_TERMINATION_LOG",
-        default_value = "/dev/termination-log"
+        default_value = "/dev/termination-log",
+        value_parser = parse_path
     )]
     pub termination_log: PathBuf,
 }
