@@ -302,3 +302,19 @@ fn cli_fails_on_bad_annotation_naming_the_object() {
     );
     assert!(!pod.is_empty());
 }
+
+#[test]
+fn sidecar_yaml_is_what_inject_produces() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shipped = std::fs::read_to_string(root.join("sidecar.yaml")).unwrap();
+    let token = shipped
+        .lines()
+        .skip_while(|l| !l.contains("X-Wsdrain-Token"))
+        .find_map(|l| l.trim().strip_prefix("value: "))
+        .expect("a token in sidecar.yaml")
+        .to_string();
+    let source = std::fs::read(fixtures().join("sidecar-source.yaml")).unwrap();
+    let (out, _) = run_inject(&source, &[], &[("WSDRAIN_INJECT_TOKEN", &token)]);
+    let body = shipped.split_once("\n---\n").expect("header, then ---").1;
+    assert_eq!(body, out, "regenerate sidecar.yaml (see its header)");
+}

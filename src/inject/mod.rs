@@ -8,6 +8,7 @@ use thiserror::Error;
 
 pub mod cli;
 mod containers;
+pub mod copy_self;
 mod options;
 mod patch;
 mod pod;
