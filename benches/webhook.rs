@@ -2,7 +2,7 @@
 //! at a fixed rate with keep-alive connections. Prints figures; asserts nothing.
 //!
 //! `cargo bench --bench webhook` (env: WSDRAIN_BENCH_RATE=500, WSDRAIN_BENCH_SECS=10,
-//! WSDRAIN_BENCH_CONNS=4). Latency is measured from the moment each request is due and
+//! WSDRAIN_BENCH_CONNS=4, WSDRAIN_BENCH_BIN=path of another wsdrain build to measure). Latency is measured from the moment each request is due and
 //! handed to the connection pool, so a stalled server shows up as queueing instead of
 //! hiding it (no coordinated omission); the schedule is absolute, so lateness never drifts.
 
@@ -62,7 +62,11 @@ fn main() {
         .expect("free port")
         .port();
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let mut server = Command::new(env!("CARGO_BIN_EXE_wsdrain"))
+    // WSDRAIN_BENCH_BIN measures another build (e.g. the image's release binary).
+    let bin = std::env::var("WSDRAIN_BENCH_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_wsdrain").to_owned());
+    println!("server binary {bin}");
+    let mut server = Command::new(&bin)
         .args(["--log-format", "text", "webhook", "--self-signed"])
         .args(["--san", "127.0.0.1", "--native-sidecars", "true"])
         .args(["--listen", &addr.to_string()])

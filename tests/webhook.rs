@@ -125,10 +125,16 @@ fn spawn(ip: IpAddr, args: &[&str], stdout: Stdio) -> (Proc, SocketAddr) {
     let listen = addr.to_string();
     let mut cmd = Command::new(common::wsdrain_bin());
     cmd.args(["--log-format", "text", "webhook", "--listen", &listen])
-        .args(["--image", IMAGE, "--native-sidecars", "true"])
+        .args(["--image", IMAGE])
         .args(args)
         .env("RUST_LOG", "wsdrain=debug")
+        // No cluster here: `auto` must fall back without waiting on a real API server.
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env_remove("KUBERNETES_SERVICE_HOST")
         .stdout(stdout);
+    if !args.contains(&"--native-sidecars") {
+        cmd.args(["--native-sidecars", "true"]);
+    }
     let proc = Proc::spawn("webhook", &mut cmd);
     common::wait_listening(addr, Duration::from_secs(20));
     (proc, addr)
@@ -290,6 +296,48 @@ async fn pod_create_gets_a_patch_that_adds_the_agent() {
         metrics.contains("wsdrain_webhook_admissions_total{result=\"injected\"} 2"),
         "{metrics}"
     );
+}
+
+/// Agent container of a patched pod, and whether it sits in initContainers.
+async fn injected_agent(wh: &Webhook) -> (Value, bool) {
+    let request = fixture("pod-create.json");
+    let resp = wh.post(request.clone()).await.json()["response"].take();
+    let patch: json_patch::Patch =
+        serde_json::from_slice(&b64decode(resp["patch"].as_str().expect("patch"))).expect("patch");
+    let mut pod =
+        serde_json::from_slice::<Value>(&request).expect("fixture")["request"]["object"].take();
+    json_patch::patch(&mut pod, &patch).expect("applies");
+    let find = |key: &str| {
+        pod["spec"][key]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["name"] == "wsdrain").cloned())
+    };
+    match (find("initContainers"), find("containers")) {
+        (Some(agent), None) => (agent, true),
+        (None, Some(agent)) => (agent, false),
+        other => panic!("expected exactly one agent container: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn native_sidecars_flag_decides_where_the_agent_goes() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (classic, _) = Webhook::with_files(&pki, dir.path(), &["--native-sidecars", "false"]);
+    let (agent, in_init) = injected_agent(&classic).await;
+    assert!(!in_init, "classic sidecar: {agent}");
+
+    // `auto` without a reachable API server assumes a current cluster: native sidecar.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let start = Instant::now();
+    let (auto, _) = Webhook::with_files(&pki, dir.path(), &["--native-sidecars", "auto"]);
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "auto must not stall start-up"
+    );
+    let (agent, in_init) = injected_agent(&auto).await;
+    assert!(in_init, "native sidecar: {agent}");
+    assert_eq!(agent["restartPolicy"], "Always", "{agent}");
 }
 
 #[tokio::test]
