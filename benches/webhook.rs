@@ -288,7 +288,7 @@ fn report(mut run: Run, rate: u64, secs: u64, conns: usize) {
         "optimized"
     };
     println!(
-        "webhook admission benchmark ({profile} build, TLS 1.3 loopback, {conns} keep-alive connections)"
+        "webhook admission benchmark ({profile} client build, TLS 1.3 loopback, {conns} keep-alive connections)"
     );
     println!("  offered     {rate} req/s for {secs} s (+{WARMUP:?} warm-up), pod-create.json");
     println!(
