@@ -17,10 +17,10 @@ use thiserror::Error;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinHandle;
 
+use crate::agent::Agent;
 use crate::config::{AgentArgs, AgentConfig, ConfigError, parse_duration};
 use crate::drain::report::{Summary, Trigger};
 
-use standin::Agent;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct WrapArgs {
@@ -270,48 +270,5 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
-    }
-}
-
-/// TEMPORARY stand-in for `crate::agent` until the agent core lands on main: binds the
-/// API address (so bind errors show) and drains instantly.
-mod standin {
-    use crate::config::AgentConfig;
-    use crate::drain::report::{Outcome, Summary, Trigger};
-
-    pub struct Agent {
-        _listener: tokio::net::TcpListener,
-    }
-
-    impl Agent {
-        pub async fn start(cfg: AgentConfig) -> anyhow::Result<Agent> {
-            Ok(Agent {
-                _listener: tokio::net::TcpListener::bind(cfg.listen).await?,
-            })
-        }
-        pub fn drainer(&self) -> Drainer {
-            Drainer
-        }
-    }
-
-    #[derive(Clone)]
-    pub struct Drainer;
-
-    impl Drainer {
-        pub async fn drain(&self, trigger: Trigger) -> Summary {
-            Summary {
-                outcome: Outcome::Drained,
-                trigger,
-                duration_ms: 0,
-                budget_ms: 0,
-                connections_at_start: 0,
-                remaining: 0,
-                closes_requested: 0,
-                sessions_closed: 0,
-                admin_failures: 0,
-                settle_ms: 0,
-                close_ms: 0,
-            }
-        }
     }
 }
