@@ -4,9 +4,11 @@ mod common;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{Proc, free_port, pod_ip, repo_path, signal, venv_python, wsdrain_bin};
+use common::{
+    Proc, free_port, http, pod_ip, repo_path, signal, venv_python, wait_listening, wsdrain_bin,
+};
 use nix::sys::signal::Signal;
 
 /// One `wsdrain wrap` run with its own "pod" address, record file and log file.
@@ -75,16 +77,34 @@ impl Drop for Wrapped {
     }
 }
 
-/// Agent options that need no app behind them (tests add the timings they need).
-fn agent_args(ip: IpAddr, api: SocketAddr, dir: &Path) -> Vec<String> {
+/// A "pod": its loopback address, the agent API address and the app's port.
+struct Pod {
+    ip: IpAddr,
+    api: SocketAddr,
+    app_port: u16,
+}
+
+impl Pod {
+    fn new() -> Pod {
+        let ip = pod_ip();
+        Pod {
+            ip,
+            api: SocketAddr::new(ip, free_port(ip)),
+            app_port: free_port(ip),
+        }
+    }
+}
+
+/// Agent options every run gets (tests add the timings they need).
+fn agent_args(pod: &Pod, dir: &Path) -> Vec<String> {
     let termination_log = dir.join("termination-log");
     vec![
         "--listen".into(),
-        api.to_string(),
+        pod.api.to_string(),
         "--ports".into(),
-        free_port(ip).to_string(),
+        pod.app_port.to_string(),
         "--address".into(),
-        ip.to_string(),
+        pod.ip.to_string(),
         "--termination-log".into(),
         termination_log.display().to_string(),
         "--no-kube".into(),
@@ -93,26 +113,28 @@ fn agent_args(ip: IpAddr, api: SocketAddr, dir: &Path) -> Vec<String> {
 
 /// Starts `wsdrain wrap` with test agent options plus `extra`; `app` builds the app's
 /// argv from the run's directory (where the record file lives).
-fn start(extra: &[&str], app: impl FnOnce(&Path) -> Vec<String>) -> Wrapped {
-    let ip = pod_ip();
-    let api = SocketAddr::new(ip, free_port(ip));
+fn start(pod: &Pod, extra: &[&str], app: impl FnOnce(&Path) -> Vec<String>) -> Wrapped {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = std::fs::File::create(dir.path().join("wrap.log")).expect("log file");
     let mut cmd = Command::new(wsdrain_bin());
     cmd.arg("wrap")
-        .args(agent_args(ip, api, dir.path()))
+        .args(agent_args(pod, dir.path()))
         .args(extra)
         .arg("--")
         .args(app(dir.path()))
         .stdout(Stdio::null())
         .stderr(log);
     let proc = Proc::spawn("wrap", &mut cmd);
-    Wrapped { proc, dir, api }
+    Wrapped {
+        proc,
+        dir,
+        api: pod.api,
+    }
 }
 
 /// `start` with tests/fixtures/wrap/app.py as the app; returns once it runs.
 fn start_app(extra: &[&str], app_opts: &[&str]) -> Wrapped {
-    let w = start(extra, |dir| {
+    let w = start(&Pod::new(), extra, |dir| {
         let mut argv = vec![
             venv_python().display().to_string(),
             repo_path("tests/fixtures/wrap/app.py")
@@ -290,7 +312,7 @@ fn bad_commands_fail_like_a_shell() {
         ),
     ];
     for (cmd, code, message) in cases {
-        let mut w = start(&[], |_| vec![cmd.to_owned()]);
+        let mut w = start(&Pod::new(), &[], |_| vec![cmd.to_owned()]);
         let status = w.exit(Duration::from_secs(10));
         assert_eq!(status.code(), Some(code), "{cmd}; log:\n{}", w.log());
         let log = w.log();
@@ -299,4 +321,160 @@ fn bad_commands_fail_like_a_shell() {
             "{cmd}: unclear error:\n{log}"
         );
     }
+}
+
+/// Lines a child prints on stdout, each with the wall-clock time it was read.
+fn read_lines(
+    stdout: std::process::ChildStdout,
+) -> std::sync::mpsc::Receiver<(SystemTime, String)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send((SystemTime::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn unix_secs(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+}
+
+#[test]
+fn sigterm_drains_websockets_before_the_app_gets_it() {
+    const CLIENTS: usize = 20;
+    let pod = Pod::new();
+    let admin = SocketAddr::new(pod.ip, free_port(pod.ip));
+    let app = SocketAddr::new(pod.ip, pod.app_port);
+    let admin_url = format!("http://{admin}");
+    let mut w = start(
+        &pod,
+        &[
+            "--admin-url",
+            &admin_url,
+            "--settle-min",
+            "300ms",
+            "--settle-quiet",
+            "100ms",
+            "--settle-max",
+            "2s",
+            "--close-tick",
+            "50ms",
+            "--close-window",
+            "500ms",
+            "--poll",
+            "50ms",
+            "--drain-timeout",
+            "15s",
+            "--reconnect-after",
+            "100ms..900ms",
+            "--child-grace",
+            "5s",
+        ],
+        |dir| {
+            vec![
+                venv_python().display().to_string(),
+                repo_path("tests/fixtures/wrap/echo_app.py")
+                    .display()
+                    .to_string(),
+                dir.join("record").display().to_string(),
+                wsdrain_bin().to_owned(),
+                app.to_string(),
+                admin.to_string(),
+            ]
+        },
+    );
+    w.wait_record("started", Duration::from_secs(15));
+    wait_listening(app, Duration::from_secs(15));
+    wait_listening(w.api, Duration::from_secs(15));
+    assert_eq!(http("GET", w.api, "/readyz", &[]).0, 200);
+
+    let mut client = Proc::spawn(
+        "ws_client",
+        Command::new(venv_python())
+            .arg(repo_path("tests/clients/ws_client.py"))
+            .arg(format!("ws://{app}/"))
+            .arg(CLIENTS.to_string())
+            .arg("20")
+            .stdout(Stdio::piped()),
+    );
+    let lines = read_lines(client.child.stdout.take().expect("client stdout"));
+    let (ready_at, ready) = lines.recv_timeout(Duration::from_secs(25)).expect("READY");
+    assert_eq!(ready, "READY");
+
+    let sigterm_at = SystemTime::now();
+    signal(w.proc.pid(), Signal::SIGTERM);
+    // The agent API is served in-process: it turns unready while the drain runs.
+    let end = Instant::now() + Duration::from_secs(3);
+    let mut unready = false;
+    while !unready && Instant::now() < end {
+        unready = http("GET", w.api, "/readyz", &[]).0 == 503;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(unready, "/readyz never answered 503 during the drain");
+
+    let (_, report) = lines
+        .recv_timeout(Duration::from_secs(25))
+        .expect("client report");
+    let report: serde_json::Value = serde_json::from_str(&report).expect("client JSON");
+    let status = w.exit(Duration::from_secs(20));
+    assert_eq!(
+        status.code(),
+        Some(42),
+        "the app's exit code; log:\n{}",
+        w.log()
+    );
+    assert!(client.wait_timeout(Duration::from_secs(5)).is_some());
+
+    assert_eq!(report["opened"], CLIENTS, "{report}");
+    assert_eq!(report["still_open"], 0, "{report}");
+    let closes = report["closes"].as_array().expect("closes");
+    assert_eq!(closes.len(), CLIENTS, "{report}");
+    let mut last_close_ms = 0;
+    for close in closes {
+        assert_eq!(close["code"], 1012, "{report}");
+        let hint: serde_json::Value =
+            serde_json::from_str(close["reason"].as_str().expect("reason")).expect("JSON hint");
+        let after = hint["reconnect_after_ms"]
+            .as_u64()
+            .expect("reconnect_after_ms");
+        assert!((100..=900).contains(&after), "hint {after} out of range");
+        last_close_ms = last_close_ms.max(close["at_ms"].as_u64().expect("at_ms"));
+    }
+
+    // The app got SIGTERM only once its count was zero, and not before the drain's
+    // settle phase was over.
+    let line = w.wait_record("sigterm", Duration::from_secs(1));
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        fields.get(2),
+        Some(&"0"),
+        "app sessions open at its SIGTERM: {line}"
+    );
+    let app_sigterm: f64 = fields[1].parse().expect("time");
+    assert!(
+        app_sigterm >= unix_secs(sigterm_at) + 0.3,
+        "app SIGTERM {app_sigterm} less than settle-min after wrap's {sigterm_at:?}"
+    );
+    // The clients' last close, on the wall clock: READY was read a little after the
+    // client printed it, so this is an upper bound; 250 ms absorbs a slow reader.
+    let last_close = unix_secs(ready_at) + last_close_ms as f64 / 1000.0;
+    assert!(
+        app_sigterm >= last_close - 0.25,
+        "app SIGTERM at {app_sigterm}, clients' last close at about {last_close}"
+    );
+
+    let summary = std::fs::read_to_string(w.dir.path().join("termination-log")).unwrap_or_default();
+    assert!(
+        summary.contains("\"Drained\""),
+        "termination log: {summary:?}"
+    );
 }

@@ -21,7 +21,6 @@ use crate::agent::Agent;
 use crate::config::{AgentArgs, AgentConfig, ConfigError, parse_duration};
 use crate::drain::report::{Summary, Trigger};
 
-
 #[derive(Debug, Clone, clap::Args)]
 pub struct WrapArgs {
     #[command(flatten)]
