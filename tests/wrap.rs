@@ -478,3 +478,34 @@ fn sigterm_drains_websockets_before_the_app_gets_it() {
         "termination log: {summary:?}"
     );
 }
+
+#[test]
+fn sigterm_is_held_during_the_drain_and_a_second_one_passes_it_on() {
+    let mut w = start_app(
+        &[
+            "--settle-min",
+            "8s",
+            "--settle-max",
+            "9s",
+            "--drain-timeout",
+            "10s",
+        ],
+        &[],
+    );
+    signal(w.proc.pid(), Signal::SIGTERM);
+    // settle-min 8 s: the drain is still running after half a second.
+    std::thread::sleep(Duration::from_millis(500));
+    let record = std::fs::read_to_string(w.record()).unwrap_or_default();
+    assert!(
+        !record.contains("SIGTERM"),
+        "app got SIGTERM during the drain: {record}"
+    );
+    assert_eq!(http("GET", w.api, "/readyz", &[]).0, 503, "not draining");
+
+    let second = Instant::now();
+    signal(w.proc.pid(), Signal::SIGTERM);
+    w.wait_record("signal SIGTERM ", Duration::from_secs(5));
+    let status = w.exit(Duration::from_secs(5));
+    assert!(second.elapsed() < Duration::from_secs(5));
+    assert_eq!(status.code(), Some(21), "log:\n{}", w.log());
+}
