@@ -46,6 +46,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     wsdrain::logging::init(cli.log_format);
+    // One TLS provider for the whole process (kube client, webhook): ring, not aws-lc.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
         // wrap manages its own runtime and exit code (it must reap children first).
         Command::Wrap(args) => return wsdrain::wrap::main(args),
