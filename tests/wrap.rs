@@ -269,11 +269,12 @@ fn other_signals_are_passed_on_at_once_without_a_drain() {
 fn orphaned_grandchild_is_reaped() {
     let mut w = start_app(
         &["--settle-min", "0ms", "--settle-quiet", "0ms"],
-        &["--orphan", "0.5"],
+        &["--orphan", "2"],
     );
     let grand = w.recorded_pid("orphan");
     let wrap_pid = w.proc.pid();
-    // Its parent exited, so it belongs to wrap now (PID 1 or child subreaper).
+    // Its parent exited, so it belongs to wrap now (PID 1 or child subreaper); it lives
+    // 2 s, long enough to look at it.
     let ppid = std::fs::read_to_string(format!("/proc/{grand}/stat"))
         .ok()
         .and_then(|s| stat_field(&s, 1));
@@ -283,7 +284,7 @@ fn orphaned_grandchild_is_reaped() {
         "grand-child not re-parented to wrap"
     );
     // Unreaped, it would stay a zombie (/proc entry in state Z) as long as wrap lives.
-    let end = Instant::now() + Duration::from_secs(5);
+    let end = Instant::now() + Duration::from_secs(10);
     while Path::new(&format!("/proc/{grand}")).exists() && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(20));
     }
