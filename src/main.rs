@@ -41,6 +41,12 @@ enum Command {
     Echo(wsdrain::echo::EchoArgs),
     /// Reproduce scale-downs on this machine with real pods, ingress and clients.
     Lab(wsdrain::lab::LabArgs),
+    /// Copy this binary to DEST (init container of `wsdrain.io/mode: wrap`).
+    #[command(hide = true)]
+    CopySelf {
+        /// Where to write the executable copy.
+        dest: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,6 +59,9 @@ fn main() -> ExitCode {
         Command::Wrap(args) => return wsdrain::wrap::main(args),
         // inject is synchronous I/O on files.
         Command::Inject(args) => wsdrain::inject::cli::run(args),
+        Command::CopySelf { dest } => wsdrain::inject::copy_self::copy_self(&dest)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| anyhow::anyhow!("copy-self {}: {e}", dest.display())),
         Command::Agent(args) => block_on(async { wsdrain::agent::run(args.validate()?).await }),
         Command::Webhook(args) => block_on(wsdrain::webhook::run(args)),
         Command::Prestop(args) => block_on(wsdrain::prestop::run(args)),

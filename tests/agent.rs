@@ -429,3 +429,209 @@ fn oversized_and_garbage_requests_do_not_disturb_a_drain() {
     assert_eq!(agent.get("/livez").0, 200);
     drop(holder);
 }
+
+/// A "pod": the reference echo app and its agent on one loopback address.
+struct EchoPod {
+    ip: IpAddr,
+    app: SocketAddr,
+    _echo: Proc,
+    agent: Agent,
+}
+
+impl EchoPod {
+    fn start(agent_extra: &[&str]) -> EchoPod {
+        let ip = pod_ip();
+        let app = SocketAddr::new(ip, free_port(ip));
+        let admin = SocketAddr::new(ip, free_port(ip));
+        let mut cmd = Command::new(wsdrain_bin());
+        cmd.args(["echo", "--listen", &app.to_string(), "--admin", &admin.to_string()])
+            .args(["--log-format", "text"]);
+        if std::env::var_os("WSDRAIN_TEST_LOGS").is_none() {
+            cmd.stderr(std::process::Stdio::null());
+        }
+        let echo = Proc::spawn("echo", &mut cmd);
+        wait_listening(app, Duration::from_secs(10));
+        wait_listening(admin, Duration::from_secs(10));
+        let url = format!("http://{admin}");
+        let mut extra = vec!["--admin-url", url.as_str()];
+        extra.extend_from_slice(agent_extra);
+        let agent = Agent::start(ip, app.port(), &extra);
+        EchoPod {
+            ip,
+            app,
+            _echo: echo,
+            agent,
+        }
+    }
+}
+
+/// What one client saw: when the close frame came, its code and reason, when the TCP ended.
+#[derive(Debug, Clone)]
+struct Seen {
+    close_at: Instant,
+    code: u16,
+    reason: String,
+    ended_at: Instant,
+}
+
+/// Opens `n` tokio-tungstenite clients and returns a handle that yields what each saw.
+fn rust_clients(
+    app: SocketAddr,
+    n: usize,
+) -> (std::sync::mpsc::Receiver<()>, thread::JoinHandle<Vec<Option<Seen>>>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut conns = Vec::with_capacity(n);
+            for _ in 0..n {
+                let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{app}/"))
+                    .await
+                    .expect("connect");
+                ws.send(Message::text("hello")).await.unwrap();
+                let echo = ws.next().await.unwrap().unwrap();
+                assert_eq!(echo, Message::text("hello"));
+                conns.push(ws);
+            }
+            ready_tx.send(()).unwrap();
+            let tasks: Vec<_> = conns
+                .into_iter()
+                .map(|mut ws| {
+                    tokio::spawn(async move {
+                        let mut seen: Option<(Instant, u16, String)> = None;
+                        let limit = tokio::time::sleep(Duration::from_secs(40));
+                        tokio::pin!(limit);
+                        loop {
+                            tokio::select! {
+                                msg = ws.next() => match msg {
+                                    Some(Ok(Message::Close(Some(f)))) => {
+                                        seen = Some((Instant::now(), f.code.into(), f.reason.to_string()));
+                                    }
+                                    Some(Ok(_)) => {}
+                                    Some(Err(_)) | None => break,
+                                },
+                                _ = &mut limit => return None,
+                            }
+                        }
+                        seen.map(|(close_at, code, reason)| Seen {
+                            close_at,
+                            code,
+                            reason,
+                            ended_at: Instant::now(),
+                        })
+                    })
+                })
+                .collect();
+            let mut out = Vec::with_capacity(n);
+            for t in tasks {
+                out.push(t.await.unwrap());
+            }
+            out
+        })
+    });
+    (ready_rx, handle)
+}
+
+fn hint_ms(reason: &str) -> u64 {
+    let v: Value = serde_json::from_str(reason).unwrap_or_else(|e| panic!("reason {reason:?} is not JSON: {e}"));
+    v["reconnect_after_ms"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no reconnect_after_ms in {reason}"))
+}
+
+#[test]
+fn five_hundred_clients_get_1012_with_a_hint_paced_over_the_window() {
+    const N: usize = 500;
+    let pod = EchoPod::start(&["--close-window", "2s", "--drain-timeout", "20s"]);
+    let (ready, clients) = rust_clients(pod.app, N);
+    ready.recv_timeout(Duration::from_secs(60)).expect("clients connected");
+    assert_eq!(pod.agent.get("/readyz").0, 200);
+
+    let t0 = Instant::now();
+    let hook = pod.agent.prestop_async(vec![]);
+    thread::sleep(Duration::from_millis(50));
+    assert_eq!(pod.agent.get("/readyz").0, 503, "unready at once");
+    let (answered, code, summary) = hook.join().unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(summary["outcome"], "Drained", "{summary}");
+    assert_eq!(summary["remaining"], 0);
+    assert_eq!(summary["sessions_closed"], N as u64);
+
+    let seen: Vec<Seen> = clients
+        .join()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.expect("every client got a close frame"))
+        .collect();
+    for s in &seen {
+        assert_eq!(s.code, 1012);
+        assert!(hint_ms(&s.reason) <= 2000, "{}", s.reason);
+    }
+    // Paced: closes spread over the 2 s window in 100 ms ticks, not all in one.
+    let first = seen.iter().map(|s| s.close_at).min().unwrap();
+    let last = seen.iter().map(|s| s.close_at).max().unwrap();
+    assert!(last - first >= Duration::from_millis(1500), "closes within {:?}", last - first);
+    let mut per_tick = std::collections::BTreeMap::new();
+    for s in &seen {
+        *per_tick.entry((s.close_at - first).as_millis() / 100).or_insert(0) += 1;
+    }
+    assert!(per_tick.len() >= 15, "only {} ticks: {per_tick:?}", per_tick.len());
+    assert!(per_tick.values().all(|&n| n <= 60), "a burst: {per_tick:?}");
+    let hints: std::collections::HashSet<u64> = seen.iter().map(|s| hint_ms(&s.reason)).collect();
+    assert!(hints.len() >= 10, "hint varies per batch: {hints:?}");
+    // The hook answers within poll (100 ms) + 100 ms of the last connection leaving.
+    let gone = seen.iter().map(|s| s.ended_at).max().unwrap();
+    let release = answered.saturating_duration_since(gone);
+    assert!(release <= Duration::from_millis(200), "hook released {release:?} after zero");
+    assert!(answered - t0 < Duration::from_secs(10));
+    assert_eq!(pod.agent.metric("wsdrain_connections"), Some(0.0));
+    let _ = pod.ip;
+}
+
+/// Runs one of the external client scripts against a pod and drains it.
+fn external_clients(program: &str, script: &str) {
+    let pod = EchoPod::start(&["--close-window", "1s", "--drain-timeout", "15s"]);
+    let url = format!("ws://{}/", pod.app);
+    let mut child = Command::new(program)
+        .arg(common::repo_path(script))
+        .args([url.as_str(), "50", "30"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    use std::io::BufRead;
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "READY", "{script}");
+    let (_, code, summary) = pod.agent.prestop_async(vec![]).join().unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(summary["outcome"], "Drained", "{summary}");
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let _ = child.wait();
+    let report: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{script}: {e}: {line}"));
+    assert_eq!(report["opened"], 50, "{report}");
+    assert_eq!(report["still_open"], 0, "{report}");
+    let closes = report["closes"].as_array().unwrap();
+    assert_eq!(closes.len(), 50);
+    for c in closes {
+        assert_eq!(c["code"], 1012, "{script}: {c}");
+        assert!(hint_ms(c["reason"].as_str().unwrap()) <= 2000);
+    }
+}
+
+#[test]
+fn python_websockets_clients_receive_1012_and_the_hint() {
+    external_clients(common::venv_python().to_str().unwrap(), "tests/clients/ws_client.py");
+}
+
+#[test]
+fn node_ws_clients_receive_1012_and_the_hint() {
+    external_clients("node", "tests/clients/ws_client.js");
+}
