@@ -20,6 +20,9 @@ use crate::metrics::Metrics;
 pub type DeadlineProbe =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Option<Instant>> + Send>> + Send + Sync>;
 
+/// How far past the deadline a waiting hook tolerates a late runner before answering.
+const FORCE_SLACK: Duration = Duration::from_millis(50);
+
 /// Longest wait for the deadline probe; the drain runs meanwhile.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -100,7 +103,8 @@ impl Drainer {
         Some(n)
     }
 
-    /// Starts the drain, or joins the running one; returns once it has ended.
+    /// Starts the drain, or joins the running one; returns once it has ended, and never
+    /// later than its deadline (plus `FORCE_SLACK`), even if a count or call hangs.
     pub async fn drain(&self, trigger: Trigger) -> Summary {
         let mut done = self.shared.done.subscribe();
         self.start(trigger).await;
@@ -108,10 +112,42 @@ impl Drainer {
             if let Some(s) = done.borrow_and_update().clone() {
                 return s;
             }
-            if done.changed().await.is_err() {
-                // Unreachable while `self` holds the sender; answer with what we know.
-                return self.summary().unwrap_or_else(|| fallback_summary(trigger));
+            let deadline = lock(&self.shared.drain)
+                .as_ref()
+                .map(|d| d.deadline())
+                .unwrap_or_else(Instant::now);
+            let force_at = deadline + FORCE_SLACK;
+            if Instant::now() >= force_at {
+                return self.force_finish();
             }
+            // Re-check at least every poll: the deadline may move earlier meanwhile.
+            let wake = force_at.min(Instant::now() + self.shared.timings.poll);
+            tokio::select! {
+                changed = done.changed() => {
+                    if changed.is_err() {
+                        return self.force_finish();
+                    }
+                }
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+    }
+
+    /// Ends the drain from the waiting side when the runner is late (stuck in I/O).
+    fn force_finish(&self) -> Summary {
+        if let Some(s) = self.summary() {
+            return s;
+        }
+        let action = lock(&self.shared.drain)
+            .as_mut()
+            .map(|d| d.next(Instant::now()));
+        match action {
+            Some(Action::Finished(summary)) => {
+                tracing::warn!("drain runner is late; answering at the deadline");
+                self.finish(summary.clone());
+                summary
+            }
+            _ => self.summary().unwrap_or_else(|| fallback_summary()),
         }
     }
 
@@ -279,6 +315,17 @@ impl Drainer {
     }
 
     fn finish(&self, summary: Summary) {
+        // Either the runner or a late-waiting hook ends the drain; only the first counts.
+        let first = self.shared.done.send_if_modified(|done| {
+            let empty = done.is_none();
+            if empty {
+                *done = Some(summary.clone());
+            }
+            empty
+        });
+        if !first {
+            return;
+        }
         let m = &self.shared.io.metrics;
         m.drain_duration_seconds
             .set(summary.duration_ms as f64 / 1000.0);
@@ -296,8 +343,7 @@ impl Drainer {
                 "drain finished: DeadlineExceeded"
             ),
         }
-        let _ = self.shared.notices.send(Notice::Finished(summary.clone()));
-        self.shared.done.send_replace(Some(summary));
+        let _ = self.shared.notices.send(Notice::Finished(summary));
     }
 }
 
@@ -314,10 +360,11 @@ async fn count(io: &Io) -> Result<Snapshot, ConnError> {
     }
 }
 
-fn fallback_summary(trigger: Trigger) -> Summary {
+/// Only if the drain state vanished, which `start` rules out; keeps hooks answered anyway.
+fn fallback_summary() -> Summary {
     Summary {
         outcome: Outcome::DeadlineExceeded,
-        trigger,
+        trigger: Trigger::Prestop,
         duration_ms: 0,
         budget_ms: 0,
         connections_at_start: 0,
