@@ -664,3 +664,102 @@ fn python_websockets_clients_receive_1012_and_the_hint() {
 fn node_ws_clients_receive_1012_and_the_hint() {
     external_clients("node", "tests/clients/ws_client.js");
 }
+
+#[test]
+fn second_sigint_exits_at_once() {
+    use nix::sys::signal::Signal::SIGINT;
+    let ip = pod_ip();
+    let holder = Holder::start(ip, 2);
+    let mut agent = Agent::start(ip, holder.port, &["--drain-timeout", "20s"]);
+    common::signal(agent.proc.pid(), SIGINT);
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(agent.get("/readyz").0, 503, "first SIGINT drains");
+    assert!(
+        agent.proc.child.try_wait().unwrap().is_none(),
+        "still draining"
+    );
+    common::signal(agent.proc.pid(), SIGINT);
+    let status = agent
+        .proc
+        .wait_timeout(Duration::from_secs(3))
+        .expect("exits at once");
+    assert_eq!(status.code(), Some(130));
+    drop(holder);
+}
+
+fn prestop_cmd(api: SocketAddr, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(wsdrain_bin());
+    cmd.args([
+        "prestop",
+        "--agent-url",
+        &format!("http://{api}"),
+        "--log-format",
+        "text",
+    ])
+    .args(extra);
+    cmd
+}
+
+#[test]
+fn prestop_client_waits_for_the_agent_and_for_the_drain() {
+    let ip = pod_ip();
+    let mut holder = Holder::start(ip, 2);
+    let api = SocketAddr::new(ip, free_port(ip));
+    // The hook starts before the agent is up: it retries, then waits for the drain.
+    let hook = thread::spawn(move || {
+        prestop_cmd(api, &["--wait-agent", "10s", "--token", "tok"])
+            .output()
+            .unwrap()
+    });
+    thread::sleep(Duration::from_millis(700));
+    let mut cmd = Command::new(wsdrain_bin());
+    cmd.arg("agent")
+        .args([
+            "--listen",
+            &api.to_string(),
+            "--ports",
+            &holder.port.to_string(),
+        ])
+        .args([
+            "--address",
+            &ip.to_string(),
+            "--token",
+            "tok",
+            "--termination-log",
+            "",
+        ])
+        .args(FAST)
+        .stderr(std::process::Stdio::null());
+    let _agent = Proc::spawn("agent", &mut cmd);
+    wait_listening(api, Duration::from_secs(10));
+    thread::sleep(Duration::from_millis(800));
+    assert!(
+        !hook.is_finished(),
+        "prestop returned before the pod was empty"
+    );
+    holder.drop_all();
+    let out = hook.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("summary on stdout");
+    assert_eq!(summary["outcome"], "Drained");
+    assert_eq!(summary["trigger"], "prestop");
+
+    // Wrong token: a clear refusal, non-zero.
+    let out = prestop_cmd(api, &["--token", "nope"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+
+    // Nobody listening: bounded retries, then a message.
+    let dead = SocketAddr::new(ip, free_port(ip));
+    let t = Instant::now();
+    let out = prestop_cmd(dead, &["--wait-agent", "600ms"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not reachable"));
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
