@@ -99,45 +99,37 @@ pub fn review(body: &[u8], settings: &InjectSettings) -> Reply {
         ..settings.clone()
     };
     let resp = AdmissionResponse::from(&req);
-    match inject_pod(&pod, &settings) {
+    // Fail open, like failurePolicy Ignore: a bad annotation (or a patch kube cannot
+    // encode) must not stop the pod from being created. The warning tells whoever reads
+    // admission warnings.
+    let error = match inject_pod(&pod, &settings) {
         Ok(Decision::Skip { reason }) => {
-            finish(resp, Outcome::Skipped, &req.uid, object, reason, vec![])
+            return finish(resp, Outcome::Skipped, &req.uid, object, reason, vec![]);
         }
         Ok(Decision::Patch { patch, warnings }) => match resp.clone().with_patch(patch) {
-            Ok(resp) => finish(
-                resp,
-                Outcome::Injected,
-                &req.uid,
-                object,
-                String::new(),
-                warnings,
-            ),
-            Err(e) => {
-                let note = format!("agent not injected: {e}");
-                finish(
+            Ok(resp) => {
+                return finish(
                     resp,
-                    Outcome::Error,
+                    Outcome::Injected,
                     &req.uid,
                     object,
-                    note.clone(),
-                    vec![format!("wsdrain: {note}")],
-                )
+                    String::new(),
+                    warnings,
+                );
             }
+            Err(e) => e.to_string(),
         },
-        // Fail open, like failurePolicy Ignore: a bad annotation must not stop the pod
-        // from being created. The warning tells whoever reads admission warnings.
-        Err(e) => {
-            let note = format!("agent not injected: {e}");
-            finish(
-                resp,
-                Outcome::Error,
-                &req.uid,
-                object,
-                note.clone(),
-                vec![format!("wsdrain: {note}")],
-            )
-        }
-    }
+        Err(e) => e.to_string(),
+    };
+    let note = format!("agent not injected: {error}");
+    finish(
+        resp,
+        Outcome::Error,
+        &req.uid,
+        object,
+        note.clone(),
+        vec![format!("wsdrain: {note}")],
+    )
 }
 
 fn describe(req: &AdmissionRequest<DynamicObject>, pod: Option<&Value>) -> String {
