@@ -34,6 +34,8 @@ enum App {
     Cooperative,
     /// Admin endpoint fails every call.
     Failing,
+    /// Admin endpoint fails this many calls, then cooperates.
+    FailsFirst(u32),
     /// Closes sessions but clients ignore the close frame: sockets stay.
     ClientsIgnoreClose,
 }
@@ -48,6 +50,10 @@ struct Pod {
     app: App,
     sessions: u64,
     closes: Vec<(Duration, u64, u64)>,
+    /// When all clients leave on their own.
+    leave_at: Option<Duration>,
+    /// The phase after each step, for assertions on the timeline.
+    phases: Vec<(Duration, Phase)>,
 }
 
 impl Pod {
@@ -62,6 +68,8 @@ impl Pod {
             app,
             sessions: connections,
             closes: Vec::new(),
+            leave_at: None,
+            phases: Vec::new(),
         }
     }
 
@@ -82,15 +90,23 @@ impl Pod {
             self.next_id += 1;
             self.sessions += 1;
         }
+        if self.leave_at.is_some_and(|at| self.at() >= at) {
+            self.sockets.clear();
+            self.sessions = 0;
+        }
     }
 
     fn close(&mut self, max: u64) -> Option<DrainReply> {
         match self.app {
             App::Failing => None,
-            App::Cooperative | App::ClientsIgnoreClose => {
+            App::FailsFirst(n) if n > 0 => {
+                self.app = App::FailsFirst(n - 1);
+                None
+            }
+            App::FailsFirst(_) | App::Cooperative | App::ClientsIgnoreClose => {
                 let n = max.min(self.sessions);
                 self.sessions -= n;
-                if self.app == App::Cooperative {
+                if self.app != App::ClientsIgnoreClose {
                     self.sockets.drain(..n as usize);
                 }
                 Some(DrainReply {
@@ -113,7 +129,9 @@ impl Pod {
         assert_eq!(d.phase(), Phase::Settling, "unready at once");
         for _ in 0..100_000 {
             d.observe(self.now, &self.sockets);
-            match d.next(self.now) {
+            let action = d.next(self.now);
+            self.phases.push((self.at(), d.phase()));
+            match action {
                 Action::Sleep { until } => {
                     assert!(
                         until > self.now || until == d.deadline(),
@@ -243,39 +261,11 @@ fn failing_admin_still_ends_at_the_deadline_with_backoff() {
 
 #[test]
 fn admin_recovers_after_failures() {
-    let mut pod = Pod::new(30, App::Failing);
-    let t = timings(true);
-    let mut d = Drain::start(
-        t,
-        Trigger::Signal,
-        pod.now,
-        pod.now + secs(20.0),
-        &pod.sockets,
-    );
-    let mut failed = 0;
-    for _ in 0..10_000 {
-        d.observe(pod.now, &pod.sockets);
-        match d.next(pod.now) {
-            Action::Sleep { until } => pod.advance_to(until),
-            Action::Close { max, .. } => {
-                if failed < 3 {
-                    failed += 1;
-                    d.close_answered(pod.now, None);
-                } else {
-                    pod.app = App::Cooperative;
-                    let r = pod.close(max);
-                    d.close_answered(pod.now, r);
-                }
-            }
-            Action::Finished(s) => {
-                assert_eq!(s.outcome, Outcome::Drained);
-                assert_eq!(s.admin_failures, 3);
-                assert_eq!(s.sessions_closed, 30);
-                return;
-            }
-        }
-    }
-    panic!("never finished");
+    let mut pod = Pod::new(30, App::FailsFirst(3));
+    let (s, _) = pod.run(timings(true), secs(20.0));
+    assert_eq!(s.outcome, Outcome::Drained);
+    assert_eq!(s.admin_failures, 3);
+    assert_eq!(s.sessions_closed, 30);
 }
 
 #[test]
@@ -292,31 +282,19 @@ fn count_never_reaching_zero_hits_the_deadline() {
 #[test]
 fn without_admin_only_waits() {
     let mut pod = Pod::new(3, App::Cooperative);
-    let t = timings(false);
-    let mut d = Drain::start(t, Trigger::Api, pod.now, pod.now + secs(25.0), &pod.sockets);
-    for _ in 0..10_000 {
-        d.observe(pod.now, &pod.sockets);
-        // The clients leave on their own at 7 s.
-        if pod.at() >= secs(7.0) {
-            pod.sockets.clear();
-        }
-        match d.next(pod.now) {
-            Action::Sleep { until } => {
-                if pod.at() > secs(2.5) {
-                    assert_eq!(d.phase(), Phase::Waiting);
-                }
-                pod.advance_to(until)
-            }
-            Action::Close { .. } => panic!("no admin, no close"),
-            Action::Finished(s) => {
-                assert_eq!(s.outcome, Outcome::Drained);
-                // Released within one poll of the count reaching zero.
-                assert!(pod.at() <= secs(7.1), "{:?}", pod.at());
-                return;
-            }
-        }
-    }
-    panic!("never finished");
+    pod.leave_at = Some(secs(7.0));
+    let (s, _) = pod.run(timings(false), secs(25.0));
+    assert!(pod.closes.is_empty(), "no admin, no close");
+    assert_eq!(s.outcome, Outcome::Drained);
+    // Released within one poll of the count reaching zero.
+    assert!(pod.at() <= secs(7.1), "{:?}", pod.at());
+    assert!(
+        pod.phases
+            .iter()
+            .filter(|(at, _)| *at > secs(2.0) && *at < secs(7.0))
+            .all(|(_, p)| *p == Phase::Waiting),
+        "waits after settling"
+    );
 }
 
 #[test]
