@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -76,13 +77,21 @@ impl Agent {
             token = cfg.token.is_some(),
             "agent serving"
         );
+        if cfg.drain_timeout + cfg.app_reserve > cfg.grace_period {
+            tracing::warn!(
+                drain_timeout = %format_duration(cfg.drain_timeout),
+                app_reserve = %format_duration(cfg.app_reserve),
+                grace_period = %format_duration(cfg.grace_period),
+                "drain timeout + app reserve exceed the grace period: the kubelet may SIGKILL the app before it finishes"
+            );
+        }
         let guard = Guard {
             token: cfg.token.clone(),
             trigger_from: cfg.trigger_from.clone(),
         };
         tokio::spawn(api::serve(listener, drainer.clone(), guard));
         if let Some(link) = link {
-            spawn_kube(link, &drainer);
+            spawn_kube(link, &drainer, &cfg);
         }
         Ok(Agent {
             drainer,
@@ -118,21 +127,39 @@ fn spawn_termination_message(drainer: &Drainer, cfg: &AgentConfig) {
 
 /// The pod's side of the drain: readiness condition, Events, the deletion watch, and the
 /// API failure count for /metrics.
-fn spawn_kube(link: Arc<PodLink>, drainer: &Drainer) {
+fn spawn_kube(link: Arc<PodLink>, drainer: &Drainer, cfg: &AgentConfig) {
     tokio::spawn(kube::follow_notices(link.clone(), drainer.notices()));
+    // The gate keeps the pod NotReady until True sticks: retry until it does (or a drain
+    // started, which makes it a no-op).
     let serving = link.clone();
-    tokio::spawn(async move { serving.set_serving(true).await });
-    // Starts the drain when the pod is deleted even if no hook reaches the agent
-    // (e.g. `wrap`, or an app container whose own preStop was kept).
-    let (watch, d) = (link.clone(), drainer.clone());
     tokio::spawn(async move {
-        watch.wait_for_deletion().await;
-        tracing::info!("pod deletion seen: starting the drain");
-        d.start(Trigger::PodDeletion).await;
+        let mut backoff = Duration::from_secs(1);
+        while !serving.set_serving(true).await {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    });
+    // Starts the drain when the pod is deleted even if no hook reaches the agent
+    // (`wrap`, or an app container whose own preStop was kept), and applies the real
+    // deadline to a drain that was already running (a maintenance `POST /drain`).
+    let (watch, d) = (link.clone(), drainer.clone());
+    let (timeout, reserve) = (cfg.drain_timeout, cfg.app_reserve);
+    tokio::spawn(async move {
+        let deletion = watch.wait_for_deletion().await;
+        tracing::info!("pod deletion seen: draining");
+        d.start(Trigger::PodDeletion);
+        let now = Instant::now();
+        d.shorten_deadline(kube::drain_deadline(
+            now + timeout,
+            now,
+            SystemTime::now(),
+            Some(deletion),
+            reserve,
+        ));
     });
     let metrics = drainer.metrics().clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
             metrics.kube_failures.set(link.failures() as i64);
@@ -143,10 +170,10 @@ fn spawn_kube(link: Arc<PodLink>, drainer: &Drainer) {
 /// The sidecar's main: serve until SIGTERM, drain (or join the drain), linger, exit 0.
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<ExitCode> {
     let linger = cfg.linger;
+    // Handlers first: a classic sidecar gets SIGTERM at t0, maybe while still starting.
+    let signals = signals::Termination::install().context("installing signal handlers")?;
     let agent = Agent::start(cfg).await?;
-    let sig = signals::termination()
-        .await
-        .context("installing signal handlers")?;
+    let sig = signals.first().await;
     tracing::info!(
         signal = signals::name(sig),
         "termination signal: draining before exit"

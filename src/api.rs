@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use crate::drain::report::Trigger;
 use crate::drain::runner::Drainer;
 
-pub const TOKEN_HEADER: &str = "x-wsdrain-token";
+pub const TOKEN_HEADER: &str = "X-Wsdrain-Token";
 
 /// Who may trigger a drain.
 #[derive(Debug, Clone, Default)]
@@ -136,7 +136,7 @@ async fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Resp 
                 let summary = state.drainer.drain(Trigger::Api).await;
                 json_resp(StatusCode::OK, &json!(summary))
             } else {
-                state.drainer.start(Trigger::Api).await;
+                state.drainer.start(Trigger::Api);
                 json_resp(StatusCode::ACCEPTED, &status_json(state).await)
             }
         }
@@ -149,7 +149,9 @@ async fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Resp 
             *resp.body_mut() = Full::new(Bytes::from(state.drainer.metrics().encode()));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
             );
             resp
         }

@@ -271,7 +271,7 @@ impl AgentArgs {
 
         let admin_url = match self.admin_url.as_deref().map(str::trim) {
             None | Some("") => None,
-            Some(raw) => Some(parse_admin_url(raw)?),
+            Some(raw) => Some(parse_admin_url(raw).map_err(|e| invalid("--admin-url", e))?),
         };
         if self.admin_timeout.is_zero() {
             return Err(invalid("--admin-timeout", "must be more than 0"));
@@ -364,19 +364,20 @@ impl AgentArgs {
     }
 }
 
-fn parse_admin_url(raw: &str) -> Result<hyper::Uri, ConfigError> {
+/// An admin API base URL: `http://HOST:PORT[/prefix]`, trailing `/` dropped. Shared with
+/// the injector, which checks the `wsdrain.io/admin-url` annotation with it.
+pub fn parse_admin_url(raw: &str) -> Result<hyper::Uri, String> {
     let uri: hyper::Uri = raw
         .trim_end_matches('/')
         .parse()
-        .map_err(|e| invalid("--admin-url", format!("'{raw}' is not a URL: {e}")))?;
+        .map_err(|e| format!("'{raw}' is not a URL: {e}"))?;
     if uri.scheme_str() != Some("http") {
-        return Err(invalid(
-            "--admin-url",
-            format!("'{raw}' must start with http:// (the admin API is plain HTTP on loopback)"),
+        return Err(format!(
+            "'{raw}' must start with http:// (the admin API is plain HTTP on loopback)"
         ));
     }
     if uri.host().is_none() {
-        return Err(invalid("--admin-url", format!("'{raw}' has no host")));
+        return Err(format!("'{raw}' has no host"));
     }
     Ok(uri)
 }

@@ -34,6 +34,7 @@ pub struct PrestopArgs {
 }
 
 const RETRY_EVERY: Duration = Duration::from_millis(200);
+const MAX_ANSWER: usize = 64 * 1024;
 
 pub async fn run(args: PrestopArgs) -> anyhow::Result<ExitCode> {
     if args.agent_url.scheme_str() != Some("http") {
@@ -85,13 +86,13 @@ pub async fn run(args: PrestopArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("agent closed the connection during the drain")?;
     let status = resp.status();
-    let body = resp
-        .into_body()
+    // A summary is a few hundred bytes; anything far larger is not our agent.
+    let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER)
         .collect()
         .await
-        .context("reading the agent's answer")?
+        .map_err(|e| anyhow::anyhow!("reading the agent's answer: {e}"))?
         .to_bytes();
-    let text = String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned();
+    let text = String::from_utf8_lossy(&body).into_owned();
     if !status.is_success() {
         bail!("agent answered {status}: {}", text.trim());
     }

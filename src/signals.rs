@@ -8,20 +8,32 @@ use signal_hook_tokio::Signals;
 /// Exit code for an impatient second Ctrl-C, like a shell's 128 + SIGINT.
 const INTERRUPTED: i32 = 130;
 
-/// Resolves with the first termination signal. Installs the handlers at call time.
-pub async fn termination() -> std::io::Result<i32> {
-    let mut signals = Signals::new([SIGTERM, SIGINT])?;
-    let first = signals.next().await.unwrap_or(SIGTERM);
-    tokio::spawn(async move {
-        while let Some(sig) = signals.next().await {
-            if sig == SIGINT {
-                tracing::warn!("second interrupt: exiting without waiting for the drain");
-                std::process::exit(INTERRUPTED);
+/// Termination signal handlers, installed when created.
+pub struct Termination {
+    signals: Signals,
+}
+
+impl Termination {
+    pub fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            signals: Signals::new([SIGTERM, SIGINT])?,
+        })
+    }
+
+    /// Resolves with the first termination signal; a second SIGINT later exits at once.
+    pub async fn first(mut self) -> i32 {
+        let first = self.signals.next().await.unwrap_or(SIGTERM);
+        tokio::spawn(async move {
+            while let Some(sig) = self.signals.next().await {
+                if sig == SIGINT {
+                    tracing::warn!("second interrupt: exiting without waiting for the drain");
+                    std::process::exit(INTERRUPTED);
+                }
+                tracing::info!("SIGTERM again: the drain is already running");
             }
-            tracing::info!("SIGTERM again: the drain is already running");
-        }
-    });
-    Ok(first)
+        });
+        first
+    }
 }
 
 pub fn name(sig: i32) -> &'static str {

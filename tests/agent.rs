@@ -175,7 +175,7 @@ fn without_admin_the_agent_waits_for_clients_to_leave() {
     assert_eq!(summary["closes_requested"], 0);
     let release = answered - left_at;
     assert!(
-        release <= Duration::from_millis(400),
+        release <= Duration::from_millis(200),
         "hook released {release:?} after the last client left"
     );
 }

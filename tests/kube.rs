@@ -683,3 +683,24 @@ async fn connect_is_bounded() {
         assert!(!e.to_string().is_empty());
     }
 }
+
+#[tokio::test]
+async fn true_after_false_is_never_sent() {
+    let (link, mut handle) = mock_link(true);
+    let server = tokio::spawn(async move {
+        let (req, send) = next(&mut handle).await;
+        let body = json_body(req).await;
+        assert_eq!(body["status"]["conditions"][0]["status"], "False");
+        respond(send, 200, &pod_json(None));
+        handle
+    });
+    assert!(link.set_serving(false).await);
+    // A retrying "serving" task that comes late must not re-add a draining pod.
+    assert!(link.set_serving(true).await);
+    let mut handle = server.await.unwrap();
+    drop(link);
+    assert!(
+        handle.as_mut().next_request().await.is_none(),
+        "True sent after False"
+    );
+}

@@ -87,6 +87,8 @@ struct Closing {
     batches: u64,
     /// Open sessions as the app last reported them (socket count before its first answer).
     estimate: u64,
+    /// `max` of the close request in flight.
+    asked: u64,
     in_flight: bool,
     failures_in_row: u32,
 }
@@ -101,8 +103,9 @@ pub struct Drain {
     /// Socket ids of the last snapshot: an id not in it is a new connection.
     seen: HashSet<u64>,
     last_new: Instant,
-    count: u64,
-    connections_at_start: u64,
+    /// `None` until the first successful count: unknown is never taken as zero.
+    count: Option<u64>,
+    connections_at_start: Option<u64>,
     settle_end: Option<Instant>,
     close_end: Option<Instant>,
     closing: Option<Closing>,
@@ -117,8 +120,8 @@ pub struct Drain {
 pub struct Status {
     pub state: Phase,
     pub trigger: Trigger,
-    pub connections: u64,
-    pub connections_at_start: u64,
+    pub connections: Option<u64>,
+    pub connections_at_start: Option<u64>,
     /// Sessions the app reported open after its last close (None before the first answer).
     pub sessions: Option<u64>,
     pub elapsed_ms: u64,
@@ -134,24 +137,19 @@ fn ms(d: Duration) -> u64 {
 }
 
 impl Drain {
-    /// Starts a drain at `now` (the pod is unready from here on) with the first snapshot.
-    pub fn start(
-        t: Timings,
-        trigger: Trigger,
-        now: Instant,
-        deadline: Instant,
-        ids: &[u64],
-    ) -> Self {
+    /// Starts a drain at `now` (the pod is unready from here on). The first `observe` is
+    /// the baseline: its sockets are the ones present at the start, not new arrivals.
+    pub fn start(t: Timings, trigger: Trigger, now: Instant, deadline: Instant) -> Self {
         Self {
             t,
             trigger,
             phase: Phase::Settling,
             started: now,
             deadline: deadline.max(now),
-            seen: ids.iter().copied().collect(),
+            seen: HashSet::new(),
             last_new: now,
-            count: ids.len() as u64,
-            connections_at_start: ids.len() as u64,
+            count: None,
+            connections_at_start: None,
             settle_end: None,
             close_end: None,
             closing: None,
@@ -184,10 +182,13 @@ impl Drain {
     /// Feeds a connection snapshot taken at `now`.
     pub fn observe(&mut self, now: Instant, ids: &[u64]) {
         let current: HashSet<u64> = ids.iter().copied().collect();
-        if current.iter().any(|id| !self.seen.contains(id)) {
+        let n = current.len() as u64;
+        if self.count.is_none() {
+            self.connections_at_start = Some(n);
+        } else if current.iter().any(|id| !self.seen.contains(id)) {
             self.last_new = now;
         }
-        self.count = current.len() as u64;
+        self.count = Some(n);
         self.seen = current;
     }
 
@@ -202,7 +203,8 @@ impl Drain {
             Some(r) => {
                 c.failures_in_row = 0;
                 c.estimate = r.remaining;
-                self.sessions_closed += r.closed;
+                // The app's numbers are input: never trust more closes than asked for.
+                self.sessions_closed = self.sessions_closed.saturating_add(r.closed.min(c.asked));
                 if r.remaining == 0 && self.phase == Phase::Closing {
                     self.phase = Phase::Waiting;
                     self.close_end = Some(now);
@@ -229,14 +231,14 @@ impl Drain {
                 return self.sleep(now, Some(self.settle_wake(now)));
             }
             self.settle_end = Some(now);
-            self.phase = if self.t.has_admin && self.count > 0 {
+            self.phase = if self.t.has_admin && self.count != Some(0) {
                 self.closing = Some(self.plan_closing(now));
                 Phase::Closing
             } else {
                 Phase::Waiting
             };
         }
-        if self.count == 0 && self.phase != Phase::Serving {
+        if self.count == Some(0) && self.phase != Phase::Serving {
             return self.finish(now, Outcome::Drained);
         }
         if now >= self.deadline {
@@ -285,7 +287,8 @@ impl Drain {
             window_end: now + window,
             next_tick: now,
             batches: 0,
-            estimate: self.count,
+            estimate: self.count.unwrap_or(1),
+            asked: 0,
             in_flight: false,
             failures_in_row: 0,
         }
@@ -306,8 +309,9 @@ impl Drain {
         let after = pacing::spread(range, c.batches);
         c.batches += 1;
         c.in_flight = true;
+        c.asked = max;
         c.next_tick = now + tick;
-        self.closes_requested += max;
+        self.closes_requested = self.closes_requested.saturating_add(max);
         Some(Action::Close {
             max,
             after_ms: ms(after),
@@ -337,8 +341,8 @@ impl Drain {
             trigger: self.trigger,
             duration_ms: ms(now.saturating_duration_since(self.started)),
             budget_ms: ms(self.deadline.saturating_duration_since(self.started)),
-            connections_at_start: self.connections_at_start,
-            remaining: self.count,
+            connections_at_start: self.connections_at_start.unwrap_or(0),
+            remaining: self.count.unwrap_or(0),
             closes_requested: self.closes_requested,
             sessions_closed: self.sessions_closed,
             admin_failures: self.admin_failures,

@@ -119,13 +119,7 @@ impl Pod {
 
     /// Runs a drain with `budget` to its end; returns the summary and the drain.
     fn run(&mut self, t: Timings, budget: Duration) -> (Summary, Drain) {
-        let mut d = Drain::start(
-            t,
-            Trigger::Prestop,
-            self.now,
-            self.now + budget,
-            &self.sockets,
-        );
+        let mut d = Drain::start(t, Trigger::Prestop, self.now, self.now + budget);
         assert_eq!(d.phase(), Phase::Settling, "unready at once");
         for _ in 0..100_000 {
             d.observe(self.now, &self.sockets);
@@ -318,7 +312,6 @@ fn shorter_real_deadline_applies() {
         Trigger::Prestop,
         pod.now,
         pod.now + secs(25.0),
-        &pod.sockets,
     );
     d.shorten_deadline(pod.now + secs(5.0));
     assert_eq!(d.deadline(), pod.now + secs(5.0));
@@ -338,11 +331,11 @@ fn status_reports_progress() {
         Trigger::Prestop,
         pod.now,
         pod.now + secs(25.0),
-        &pod.sockets,
     );
+    d.observe(pod.now, &pod.sockets);
     let st = d.status(pod.now + secs(1.0));
     assert_eq!(st.state, Phase::Settling);
-    assert_eq!(st.connections, 40);
+    assert_eq!(st.connections, Some(40));
     assert_eq!(st.deadline_in_ms, 24_000);
     let later = pod.now + secs(2.0);
     d.observe(later, &pod.sockets);

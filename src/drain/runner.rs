@@ -107,7 +107,7 @@ impl Drainer {
     /// later than its deadline (plus `FORCE_SLACK`), even if a count or call hangs.
     pub async fn drain(&self, trigger: Trigger) -> Summary {
         let mut done = self.shared.done.subscribe();
-        self.start(trigger).await;
+        self.start(trigger);
         loop {
             if let Some(s) = done.borrow_and_update().clone() {
                 return s;
@@ -147,64 +147,93 @@ impl Drainer {
                 self.finish(summary.clone());
                 summary
             }
-            _ => self.summary().unwrap_or_else(|| fallback_summary()),
+            _ => self.summary().unwrap_or_else(fallback_summary),
         }
     }
 
-    /// Starts the drain in the background unless one is running. Returns at once.
-    pub async fn start(&self, trigger: Trigger) {
+    /// Starts the drain in the background unless one is running. Returns at once and
+    /// does no I/O, so a caller that goes away (an HTTP client hanging up) cannot leave
+    /// the pod unready with no drain behind it.
+    pub fn start(&self, trigger: Trigger) {
         if self.shared.draining.swap(true, Ordering::SeqCst) {
             return;
         }
         let started = Instant::now();
         let deadline = started + self.shared.drain_timeout;
-        let io = &self.shared.io;
-        io.metrics.drain_state.set(Phase::Settling.gauge());
-        let first = count(io).await.unwrap_or_default();
-        let drain = Drain::start(
-            self.shared.timings.clone(),
-            trigger,
-            started,
-            deadline,
-            &first.ids,
-        );
-        let connections = first.ids.len() as u64;
-        io.metrics.connections.set(connections as i64);
-        tracing::info!(
-            ?trigger,
-            connections,
-            budget_ms = self.shared.drain_timeout.as_millis() as u64,
-            "drain started: unready"
-        );
+        let drain = Drain::start(self.shared.timings.clone(), trigger, started, deadline);
         *lock(&self.shared.drain) = Some(drain);
-        let _ = self.shared.notices.send(Notice::Started {
-            trigger,
-            connections,
-            budget_ms: self.shared.drain_timeout.as_millis() as u64,
-        });
-        if let Some(probe) = io.deadline_probe.clone() {
-            let me = self.clone();
-            tokio::spawn(async move {
-                if let Ok(Some(deadline)) = tokio::time::timeout(PROBE_TIMEOUT, probe()).await
-                    && let Some(d) = lock(&me.shared.drain).as_mut()
-                {
-                    d.shorten_deadline(deadline);
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    tracing::info!(
-                        deadline_in_ms = left.as_millis() as u64,
-                        "pod deletion deadline applies"
-                    );
-                }
-            });
-        }
+        self.shared
+            .io
+            .metrics
+            .drain_state
+            .set(Phase::Settling.gauge());
         let me = self.clone();
-        tokio::spawn(async move { me.run().await });
+        tokio::spawn(async move { me.run(trigger).await });
     }
 
-    async fn run(self) {
+    /// Moves the running drain's deadline earlier (e.g. the pod deletion became known
+    /// after a maintenance drain had started).
+    pub fn shorten_deadline(&self, deadline: Instant) {
+        if let Some(d) = lock(&self.shared.drain).as_mut() {
+            d.shorten_deadline(deadline);
+        }
+    }
+
+    /// Applies the deadline probe's answer, if any, without holding up the drain.
+    fn spawn_deadline_probe(&self) {
+        let Some(probe) = self.shared.io.deadline_probe.clone() else {
+            return;
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Ok(Some(deadline)) = tokio::time::timeout(PROBE_TIMEOUT, probe()).await {
+                me.shorten_deadline(deadline);
+                let left = deadline.saturating_duration_since(Instant::now());
+                tracing::info!(
+                    deadline_in_ms = left.as_millis() as u64,
+                    "pod deletion deadline applies"
+                );
+            }
+        });
+    }
+
+    /// Takes a count and feeds it to the machine; a failed count keeps the last one.
+    async fn observe(&self, count_failing: &mut bool) -> Option<u64> {
+        let io = &self.shared.io;
+        match count(io).await {
+            Ok(snap) => {
+                *count_failing = false;
+                let n = snap.ids.len() as u64;
+                io.metrics.connections.set(n as i64);
+                if let Some(d) = lock(&self.shared.drain).as_mut() {
+                    d.observe(Instant::now(), &snap.ids);
+                }
+                Some(n)
+            }
+            Err(e) => {
+                io.metrics.count_errors.inc();
+                if !*count_failing {
+                    tracing::warn!(error = %e, "counting connections failed; keeping the last count");
+                }
+                *count_failing = true;
+                None
+            }
+        }
+    }
+
+    async fn run(self, trigger: Trigger) {
         let io = &self.shared.io;
         let mut admin_failing = false;
         let mut count_failing = false;
+        self.spawn_deadline_probe();
+        let connections = self.observe(&mut count_failing).await;
+        let budget_ms = self.shared.drain_timeout.as_millis() as u64;
+        tracing::info!(?trigger, ?connections, budget_ms, "drain started: unready");
+        let _ = self.shared.notices.send(Notice::Started {
+            trigger,
+            connections: connections.unwrap_or(0),
+            budget_ms,
+        });
         loop {
             let action = match lock(&self.shared.drain).as_mut() {
                 Some(d) => {
@@ -217,22 +246,7 @@ impl Drainer {
             match action {
                 Action::Sleep { until } => {
                     tokio::time::sleep_until(until.into()).await;
-                    match count(io).await {
-                        Ok(snap) => {
-                            count_failing = false;
-                            io.metrics.connections.set(snap.ids.len() as i64);
-                            if let Some(d) = lock(&self.shared.drain).as_mut() {
-                                d.observe(Instant::now(), &snap.ids);
-                            }
-                        }
-                        Err(e) => {
-                            io.metrics.count_errors.inc();
-                            if !count_failing {
-                                tracing::warn!(error = %e, "counting connections failed; keeping the last count");
-                            }
-                            count_failing = true;
-                        }
-                    }
+                    self.observe(&mut count_failing).await;
                 }
                 Action::Close { max, after_ms } => {
                     let reply = self.close(max, after_ms, &mut admin_failing).await;

@@ -97,8 +97,9 @@ pub fn agent(plan: &AgentPlan, native: bool) -> Value {
             .into_iter()
             .map(|(name, _, value)| json!({"name": name, "value": value})),
     );
-    // The kubelet calls the preStop hook from the node: accept HOST_IP (and loopback).
-    env.push(json!({"name": "WSDRAIN_TRIGGER_FROM", "value": "$(HOST_IP)"}));
+    // No WSDRAIN_TRIGGER_FROM: on bridge CNIs (kubenet, flannel) the kubelet reaches the
+    // pod from the bridge, not HOST_IP, and a refused hook silently skips the drain. The
+    // per-pod token is the guard.
     if plan.options.readiness_gate {
         env.push(json!({"name": "WSDRAIN_READINESS_GATE", "value": "true"}));
     }

@@ -19,8 +19,8 @@ pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/wsdrain/wsdrain:", env!("CARGO_
 pub const AGENT_PORT: u16 = 19901;
 /// Name of the injected agent container.
 pub const AGENT_NAME: &str = "wsdrain";
-/// Header carrying the per-pod token on /prestop.
-pub const TOKEN_HEADER: &str = "X-Wsdrain-Token";
+/// The header the preStop hook sends (one name for agent and injector).
+pub use crate::api::TOKEN_HEADER;
 /// Annotation written on injected pods (idempotency).
 pub const STATUS_ANNOTATION: &str = "wsdrain.io/status";
 /// Opt-in/opt-out pod label.

@@ -121,8 +121,8 @@ impl Options {
         let admin_url = get("admin-url")?
             .filter(|s| !s.is_empty())
             .map(|raw| {
-                check_admin_url(&raw)
-                    .map(|()| raw)
+                crate::config::parse_admin_url(&raw)
+                    .map(|_| raw)
                     .map_err(|e| bad(&key("admin-url"), e))
             })
             .transpose()?;
@@ -219,18 +219,6 @@ fn is_port_name(s: &str) -> bool {
         && s.bytes().any(|b| b.is_ascii_lowercase())
         && !s.starts_with('-')
         && !s.ends_with('-')
-}
-
-fn check_admin_url(raw: &str) -> Result<(), String> {
-    let uri: http::Uri = raw
-        .parse()
-        .map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
-    if uri.scheme_str() != Some("http") || uri.host().is_none() {
-        return Err(format!(
-            "{raw:?} must be http://HOST:PORT (the admin API is plain HTTP on loopback)"
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

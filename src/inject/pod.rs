@@ -11,7 +11,8 @@ use super::patch::Ops;
 use super::{AGENT_NAME, Decision, INJECT_LABEL, InjectError, InjectSettings, STATUS_ANNOTATION};
 use crate::config::format_duration;
 
-pub const READINESS_CONDITION: &str = "wsdrain.io/serving";
+/// The readiness-gate condition the agent patches (one name for both sides).
+pub use crate::kube::SERVING_CONDITION as READINESS_CONDITION;
 const DEFAULT_GRACE_SECS: i64 = 30;
 const DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
 

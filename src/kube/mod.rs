@@ -74,6 +74,10 @@ pub struct PodLink {
     /// cost a failed call before every Event).
     uid_lookup_tried: AtomicBool,
     call_timeout: Duration,
+    /// Condition patches go out one at a time, and once a drain set False nothing sets
+    /// True again: a late True must not put a draining pod back into endpoints.
+    condition: tokio::sync::Mutex<()>,
+    unready: AtomicBool,
 }
 
 impl PodLink {
@@ -109,6 +113,8 @@ impl PodLink {
             recorder: Recorder::new(client, reporter),
             pod,
             readiness_gate,
+            condition: tokio::sync::Mutex::new(()),
+            unready: AtomicBool::new(false),
             failures: Failures::default(),
             uid: OnceLock::new(),
             uid_lookup_tried: AtomicBool::new(false),
@@ -232,10 +238,18 @@ impl PodLink {
         }
     }
 
-    /// Sets the readiness-gate condition (only with the gate enabled).
-    pub async fn set_serving(&self, serving: bool) {
+    /// Sets the readiness-gate condition (only with the gate enabled). Returns false when
+    /// the patch failed, so the caller can retry setting True. After False, True is a no-op.
+    pub async fn set_serving(&self, serving: bool) -> bool {
         if !self.readiness_gate {
-            return;
+            return true;
+        }
+        if !serving {
+            self.unready.store(true, Ordering::SeqCst);
+        }
+        let _one_at_a_time = self.condition.lock().await;
+        if serving && self.unready.load(Ordering::SeqCst) {
+            return true;
         }
         let patch = serde_json::json!({
             "status": { "conditions": [serving_condition(serving, Timestamp::now())] }
@@ -246,7 +260,8 @@ impl PodLink {
             Call::PatchStatus,
             self.pods.patch_status(&self.pod.name, &params, &strategic),
         )
-        .await;
+        .await
+        .is_some()
     }
 
     /// Publishes the Event for a drain notice on the own pod. The first Event may cost one
