@@ -57,6 +57,18 @@ pub struct Counter {
     inner: Inner,
 }
 
+/// What the drain needs from a counter: one snapshot at a time (blocking I/O; the
+/// runner calls it off the async threads). `Counter` is the real one.
+pub trait CountSockets: Send {
+    fn snapshot(&mut self) -> Result<Snapshot, ConnError>;
+}
+
+impl CountSockets for Counter {
+    fn snapshot(&mut self) -> Result<Snapshot, ConnError> {
+        Counter::snapshot(self)
+    }
+}
+
 impl Counter {
     /// Probes sock_diag once with a real snapshot; falls back to /proc if that fails.
     pub fn new(filter: Filter) -> Self {

@@ -13,7 +13,7 @@ use super::hint::HintTemplate;
 use super::machine::{Action, Drain, Phase, Status, Timings};
 use super::report::{Notice, Outcome, Summary, Trigger};
 use crate::admin::{AdminClient, DrainRequest};
-use crate::conn::{ConnError, Counter, Snapshot};
+use crate::conn::{ConnError, CountSockets, Snapshot};
 use crate::metrics::Metrics;
 
 /// Looks up a shorter deadline when a drain starts (the pod's deletion deadline).
@@ -28,7 +28,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Everything the drain talks to.
 pub struct Io {
-    pub counter: Arc<Mutex<Counter>>,
+    pub counter: Arc<Mutex<dyn CountSockets>>,
     pub admin: Option<AdminClient>,
     pub admin_timeout: Duration,
     pub close_code: u16,
@@ -362,7 +362,7 @@ impl Drainer {
 }
 
 /// A poisoned lock only means another task panicked mid-update; the drain goes on.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -390,3 +390,7 @@ fn fallback_summary() -> Summary {
         close_ms: 0,
     }
 }
+
+#[cfg(test)]
+#[path = "runner_tests.rs"]
+mod tests;
