@@ -8,15 +8,14 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::Full;
 use hyper::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, Uri};
-use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use thiserror::Error;
-use tokio::net::TcpStream;
+
+use crate::http1::{self, Endpoint, read_limited};
 
 /// Largest answer body we read; the real answers are a few dozen bytes.
 pub const MAX_REPLY_BYTES: usize = 64 * 1024;
@@ -147,45 +146,28 @@ impl AdminClient {
         path: &str,
         body: Vec<u8>,
     ) -> Result<Value, AdminError> {
-        let bad_url = |reason| AdminError::BadUrl {
+        let endpoint = Endpoint::parse(&self.base).map_err(|reason| AdminError::BadUrl {
             url: self.base.to_string(),
             reason,
-        };
-        if self.base.scheme_str() != Some("http") {
-            return Err(bad_url("only http:// is supported"));
-        }
-        let authority = self.base.authority().ok_or_else(|| bad_url("no host"))?;
-        // Uri::host keeps the brackets of an IPv6 literal; the resolver wants it bare.
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let port = authority.port_u16().unwrap_or(80);
-
-        let stream =
-            TcpStream::connect((host, port))
-                .await
-                .map_err(|source| AdminError::Connect {
-                    addr: authority.to_string(),
-                    source,
-                })?;
+        })?;
+        let stream = endpoint
+            .connect()
+            .await
+            .map_err(|source| AdminError::Connect {
+                addr: endpoint.authority.clone(),
+                source,
+            })?;
         let http_err = |e: hyper::Error| AdminError::Http {
             call,
             message: e.to_string(),
         };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(http_err)?;
-        // The connection task must not outlive the call (e.g. after a timeout).
-        let _conn = AbortOnDrop(tokio::spawn(async move {
-            let _ = conn.await;
-        }));
+        let (mut sender, _conn) = http1::handshake(stream).await.map_err(http_err)?;
 
-        let target = format!("{}{path}", self.base.path().trim_end_matches('/'));
+        let target = endpoint.target(path);
         let request = Request::builder()
             .method(method)
             .uri(target)
-            .header(HOST, authority.as_str())
+            .header(HOST, endpoint.authority.as_str())
             .header(CONNECTION, "close")
             .header(CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
@@ -241,31 +223,6 @@ impl AdminClient {
             }),
         }
     }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Reads at most `limit` bytes of the body. Returns the bytes and whether the body ended
-/// within the limit; stops reading as soon as it goes past.
-async fn read_limited(mut body: Incoming, limit: usize) -> Result<(Vec<u8>, bool), hyper::Error> {
-    let mut buf = Vec::new();
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            let room = limit - buf.len();
-            if data.len() > room {
-                buf.extend_from_slice(&data[..room]);
-                return Ok((buf, false));
-            }
-            buf.extend_from_slice(&data);
-        }
-    }
-    Ok((buf, true))
 }
 
 fn u64_field(call: &'static str, value: &Value, field: &'static str) -> Result<u64, AdminError> {

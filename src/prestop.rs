@@ -6,13 +6,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::Empty;
 use hyper::Request;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 use crate::api::TOKEN_HEADER;
 use crate::config::parse_duration;
+use crate::http1::{self, Endpoint, read_limited};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct PrestopArgs {
@@ -37,21 +36,13 @@ const RETRY_EVERY: Duration = Duration::from_millis(200);
 const MAX_ANSWER: usize = 64 * 1024;
 
 pub async fn run(args: PrestopArgs) -> anyhow::Result<ExitCode> {
-    if args.agent_url.scheme_str() != Some("http") {
-        bail!("--agent-url {}: must be an http:// URL", args.agent_url);
-    }
-    let host = args
-        .agent_url
-        .host()
-        .context("--agent-url: no host")?
-        .trim_matches(|c| c == '[' || c == ']')
-        .to_owned();
-    let port = args.agent_url.port_u16().unwrap_or(80);
+    let endpoint = Endpoint::parse(&args.agent_url)
+        .map_err(|e| anyhow::anyhow!("--agent-url {}: {e}", args.agent_url))?;
     let give_up = Instant::now() + args.wait_agent;
     let mut attempts = 0u32;
     let stream = loop {
         attempts += 1;
-        match TcpStream::connect((host.as_str(), port)).await {
+        match endpoint.connect().await {
             Ok(s) => break s,
             Err(e) if Instant::now() + RETRY_EVERY < give_up => {
                 if attempts == 1 {
@@ -66,15 +57,11 @@ pub async fn run(args: PrestopArgs) -> anyhow::Result<ExitCode> {
             ),
         }
     };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let (mut sender, _conn) = http1::handshake(stream)
         .await
         .context("HTTP handshake with the agent")?;
-    tokio::spawn(conn);
-    let mut req = Request::post(format!(
-        "{}/prestop",
-        args.agent_url.to_string().trim_end_matches('/')
-    ))
-    .header(hyper::header::HOST, format!("{host}:{port}"));
+    let mut req = Request::post(endpoint.target("/prestop"))
+        .header(hyper::header::HOST, endpoint.authority.as_str());
     if let Some(token) = &args.token {
         req = req.header(TOKEN_HEADER, token);
     }
@@ -87,11 +74,9 @@ pub async fn run(args: PrestopArgs) -> anyhow::Result<ExitCode> {
         .context("agent closed the connection during the drain")?;
     let status = resp.status();
     // A summary is a few hundred bytes; anything far larger is not our agent.
-    let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER)
-        .collect()
+    let (body, _complete) = read_limited(resp.into_body(), MAX_ANSWER)
         .await
-        .map_err(|e| anyhow::anyhow!("reading the agent's answer: {e}"))?
-        .to_bytes();
+        .context("reading the agent's answer")?;
     let text = String::from_utf8_lossy(&body).into_owned();
     if !status.is_success() {
         bail!("agent answered {status}: {}", text.trim());
