@@ -1,5 +1,7 @@
 //! The local lab: pods on 127.0.0.N, a real HAProxy ingress, clients (stub: helper fills in).
 
+pub mod kubelet;
+
 use std::process::ExitCode;
 
 #[derive(Debug, Clone, clap::Args)]
