@@ -1,0 +1,251 @@
+//! Turns per-connection records into the run's summary (pure) and prints the table.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use super::client::ConnRecord;
+use super::pod::PodReport;
+
+/// What happened to the connections the removed pods were serving.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Removed {
+    /// Connections served by a removed pod and ended by the server side.
+    pub connections: usize,
+    pub abnormal: usize,
+    /// Close code 1012 with a parseable reconnect hint.
+    pub clean_1012_with_hint: usize,
+    /// Whose client's next connection landed on a pod that stays.
+    pub reconnected_to_survivor: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub scenario: String,
+    pub agent: bool,
+    pub ingress: String,
+    pub client: String,
+    pub clients: usize,
+    pub connections: usize,
+    /// Connections that ended without a close frame (1006), not by the client.
+    pub abnormal_closes: usize,
+    pub clients_with_abnormal_close: usize,
+    /// Close frames whose reason carried a reconnect hint.
+    pub clean_closes_with_hint: usize,
+    pub messages_sent: u64,
+    pub messages_lost: u64,
+    pub messages_resent: u64,
+    pub reconnects: usize,
+    pub reconnect_p50_ms: Option<u64>,
+    pub reconnect_p99_ms: Option<u64>,
+    /// Most reconnects that completed within any 1 s window (they all land on survivors).
+    pub peak_reconnects_per_s: usize,
+    /// Clients of removed pods divided by the agent's close window.
+    pub planned_close_rate_per_s: Option<f64>,
+    pub removed: Removed,
+    pub pool_changes: u32,
+    pub pods: Vec<PodReport>,
+    pub run_id: String,
+    pub duration_ms: u64,
+}
+
+/// Nearest-rank percentile of unsorted values.
+pub fn percentile(values: &[u64], p: f64) -> Option<u64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_unstable();
+    let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v.get(rank - 1).copied()
+}
+
+/// Largest number of event times within any window of `window_ms`.
+pub fn peak_in_window(times: &[u64], window_ms: u64) -> usize {
+    let mut t = times.to_vec();
+    t.sort_unstable();
+    let mut best = 0;
+    let mut lo = 0;
+    for hi in 0..t.len() {
+        while t[hi] - t[lo] >= window_ms {
+            lo += 1;
+        }
+        best = best.max(hi - lo + 1);
+    }
+    best
+}
+
+/// Fills the connection figures of `s` from the records; `removed_slots` are the slots
+/// of pods deleted during the run.
+pub fn summarize(s: &mut Summary, records: &[ConnRecord], removed_slots: &BTreeSet<String>) {
+    let mut by_client: BTreeMap<usize, Vec<&ConnRecord>> = BTreeMap::new();
+    for r in records {
+        by_client.entry(r.client).or_default().push(r);
+    }
+    s.clients = by_client.len();
+    s.connections = records.len();
+    s.abnormal_closes = records.iter().filter(|r| r.abnormal()).count();
+    s.clients_with_abnormal_close = by_client
+        .values()
+        .filter(|rs| rs.iter().any(|r| r.abnormal()))
+        .count();
+    s.clean_closes_with_hint = records
+        .iter()
+        .filter(|r| r.code.is_some() && r.hint_ms.is_some())
+        .count();
+    s.messages_sent = records.iter().map(|r| r.sent).sum();
+    s.messages_lost = records.iter().map(|r| r.lost).sum();
+    s.messages_resent = records.iter().map(|r| r.resent).sum();
+    let reconnect: Vec<u64> = records.iter().filter_map(|r| r.reconnect_ms).collect();
+    s.reconnects = reconnect.len();
+    s.reconnect_p50_ms = percentile(&reconnect, 0.50);
+    s.reconnect_p99_ms = percentile(&reconnect, 0.99);
+    let opened: Vec<u64> = records
+        .iter()
+        .filter(|r| r.reconnect_ms.is_some())
+        .map(|r| r.opened_ms)
+        .collect();
+    s.peak_reconnects_per_s = peak_in_window(&opened, 1000);
+    let mut removed = Removed::default();
+    for rs in by_client.values() {
+        let mut rs = rs.clone();
+        rs.sort_by_key(|r| r.opened_ms);
+        for (i, r) in rs.iter().enumerate() {
+            let on_removed = r.pod.as_ref().is_some_and(|p| removed_slots.contains(p));
+            if !on_removed || r.by_client {
+                continue;
+            }
+            removed.connections += 1;
+            if r.abnormal() {
+                removed.abnormal += 1;
+            }
+            if r.code == Some(1012) && r.hint_ms.is_some() {
+                removed.clean_1012_with_hint += 1;
+            }
+            let next_on_survivor = rs
+                .get(i + 1)
+                .and_then(|n| n.pod.as_ref())
+                .is_some_and(|p| !removed_slots.contains(p));
+            if next_on_survivor {
+                removed.reconnected_to_survivor += 1;
+            }
+        }
+    }
+    s.removed = removed;
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+/// The demo table: one row per run.
+pub fn table(rows: &[(String, Summary)]) -> String {
+    let mut out = format!(
+        "| {:<34} | {:>7} | {:>15} | {:>16} | {:>13} | {:>13} | {:>16} | {:>13} |\n",
+        "setup",
+        "clients",
+        "abnormal (1006)",
+        "clean with hint",
+        "reconnect p50",
+        "reconnect p99",
+        "peak reconnect/s",
+        "messages lost"
+    );
+    out.push_str(&format!(
+        "|{}|{}:|{}:|{}:|{}:|{}:|{}:|{}:|\n",
+        "-".repeat(36),
+        "-".repeat(8),
+        "-".repeat(16),
+        "-".repeat(17),
+        "-".repeat(14),
+        "-".repeat(14),
+        "-".repeat(17),
+        "-".repeat(14)
+    ));
+    for (label, s) in rows {
+        out.push_str(&format!(
+            "| {:<34} | {:>7} | {:>15} | {:>16} | {:>10} ms | {:>10} ms | {:>16} | {:>13} |\n",
+            label,
+            s.clients,
+            s.abnormal_closes,
+            s.clean_closes_with_hint,
+            opt(s.reconnect_p50_ms),
+            opt(s.reconnect_p99_ms),
+            s.peak_reconnects_per_s,
+            s.messages_lost
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(client: usize, pod: &str, opened: u64, code: Option<u16>) -> ConnRecord {
+        ConnRecord {
+            client,
+            pod: Some(pod.into()),
+            opened_ms: opened,
+            code,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 0.5), Some(50));
+        assert_eq!(percentile(&v, 0.99), Some(99));
+        assert_eq!(percentile(&[7], 0.99), Some(7));
+        assert_eq!(percentile(&[], 0.5), None);
+    }
+
+    #[test]
+    fn peak_counts_events_within_a_sliding_second() {
+        assert_eq!(peak_in_window(&[0, 100, 900, 1000, 1950, 1999], 1000), 3);
+        assert_eq!(peak_in_window(&[0, 100, 900, 999, 2500], 1000), 4);
+        assert_eq!(peak_in_window(&[], 1000), 0);
+        assert_eq!(peak_in_window(&[5, 5, 5], 1000), 3);
+    }
+
+    #[test]
+    fn removed_pod_clients_are_followed_to_their_next_connection() {
+        let mut a = rec(0, "s3", 0, Some(1012));
+        a.reason = r#"{"reconnect_after_ms":10}"#.into();
+        a.hint_ms = Some(10);
+        let mut a2 = rec(0, "s0", 500, None);
+        a2.reconnect_ms = Some(400);
+        a2.by_client = true;
+        let b = rec(1, "s4", 0, None);
+        let mut b2 = rec(1, "s4", 300, None);
+        b2.reconnect_ms = Some(200);
+        b2.by_client = true;
+        let removed: BTreeSet<String> = ["s3".to_owned(), "s4".to_owned()].into();
+        let mut s = Summary::default();
+        summarize(&mut s, &[a, a2, b, b2], &removed);
+        assert_eq!(s.clients, 2);
+        assert_eq!(s.abnormal_closes, 1);
+        assert_eq!(s.clean_closes_with_hint, 1);
+        assert_eq!(
+            s.removed,
+            Removed {
+                connections: 2,
+                abnormal: 1,
+                clean_1012_with_hint: 1,
+                reconnected_to_survivor: 1
+            }
+        );
+        assert_eq!(s.reconnect_p50_ms, Some(200));
+        assert_eq!(s.peak_reconnects_per_s, 2);
+    }
+
+    #[test]
+    fn table_has_a_row_per_run() {
+        let t = table(&[
+            ("a".into(), Summary::default()),
+            ("b".into(), Summary::default()),
+        ]);
+        assert_eq!(t.lines().count(), 4);
+    }
+}
