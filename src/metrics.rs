@@ -1,1 +1,127 @@
-//! metrics (being written)
+//! The agent's Prometheus metrics (names fixed by DESIGN.md, "agent HTTP API").
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Gauge,
+    pub drain_state: Gauge,
+    pub drain_duration_seconds: Gauge<f64, AtomicU64>,
+    pub closes_requested: Counter,
+    pub forced_remaining: Gauge,
+    pub admin_requests: Family<ResultLabel, Counter>,
+    pub count_errors: Counter,
+    pub kube_failures: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("wsdrain");
+        let m = Metrics {
+            connections: Gauge::default(),
+            drain_state: Gauge::default(),
+            drain_duration_seconds: Gauge::default(),
+            closes_requested: Counter::default(),
+            forced_remaining: Gauge::default(),
+            admin_requests: Family::default(),
+            count_errors: Counter::default(),
+            kube_failures: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections",
+            "Established TCP connections on the app ports",
+            m.connections.clone(),
+        );
+        registry.register(
+            "drain_state",
+            "0 serving, 1 settling, 2 closing, 3 waiting, 4 drained, 5 deadline exceeded",
+            m.drain_state.clone(),
+        );
+        registry.register(
+            "drain_duration_seconds",
+            "Duration of the last finished drain",
+            m.drain_duration_seconds.clone(),
+        );
+        registry.register(
+            "closes_requested",
+            "Sessions the agent asked the app to close",
+            m.closes_requested.clone(),
+        );
+        registry.register(
+            "forced_remaining",
+            "Connections still open when the last drain hit its deadline",
+            m.forced_remaining.clone(),
+        );
+        registry.register(
+            "admin_requests",
+            "Calls to the app admin API by result",
+            m.admin_requests.clone(),
+        );
+        registry.register(
+            "count_errors",
+            "Failed connection counts",
+            m.count_errors.clone(),
+        );
+        registry.register(
+            "kube_api_failures",
+            "Failed Kubernetes API calls",
+            m.kube_failures.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn admin_result(&self, result: &'static str) {
+        self.admin_requests
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_contract() {
+        let m = Metrics::new();
+        m.admin_result("timeout");
+        m.closes_requested.inc_by(3);
+        let text = m.encode();
+        for name in [
+            "wsdrain_connections ",
+            "wsdrain_drain_state ",
+            "wsdrain_drain_duration_seconds ",
+            "wsdrain_closes_requested_total 3",
+            "wsdrain_forced_remaining ",
+            "wsdrain_admin_requests_total{result=\"timeout\"} 1",
+        ] {
+            assert!(text.contains(name), "{name} missing in:\n{text}");
+        }
+    }
+}

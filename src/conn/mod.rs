@@ -1,4 +1,11 @@
-//! Counting the pod's established TCP connections on the app ports (stub: helper fills in).
+//! Counting the pod's established TCP connections on the app ports.
+//!
+//! sock_diag (netlink) is the primary backend: the kernel filters by port and state and
+//! it needs no privilege. `/proc/net/tcp{,6}` is the fallback when netlink is not
+//! available (e.g. a seccomp profile that blocks it).
+
+pub mod procfs;
+pub mod sockdiag;
 
 use std::net::IpAddr;
 
@@ -11,7 +18,8 @@ pub struct Filter {
     pub address: Option<IpAddr>,
 }
 
-/// One id per established socket (sock_diag cookie, or /proc inode): a new id is a new connection.
+/// One id per established socket (sock_diag cookie, or /proc inode): a new id is a new
+/// connection. Ids are sorted and unique. The two backends use different id spaces.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub ids: Vec<u64>,
@@ -28,24 +36,68 @@ pub enum Backend {
 pub enum ConnError {
     #[error("counting sockets: {0}")]
     Io(#[from] std::io::Error),
+    #[error("counting sockets: bad sock_diag reply: {0}")]
+    Netlink(String),
+}
+
+/// True when a socket's local address `local` is the filter address `want`. IPv4-mapped
+/// IPv6 addresses (dual-stack sockets) equal their IPv4 form.
+pub fn matches_address(local: IpAddr, want: IpAddr) -> bool {
+    local.to_canonical() == want.to_canonical()
+}
+
+enum Inner {
+    SockDiag(sockdiag::SockDiag),
+    Proc,
 }
 
 /// sock_diag when the kernel allows it, else /proc/net/tcp{,6}.
 pub struct Counter {
     filter: Filter,
+    inner: Inner,
 }
 
 impl Counter {
+    /// Probes sock_diag once with a real snapshot; falls back to /proc if that fails.
     pub fn new(filter: Filter) -> Self {
-        Self { filter }
+        let probe = sockdiag::SockDiag::open().and_then(|mut s| s.snapshot(&filter).map(|_| s));
+        let inner = match probe {
+            Ok(s) => {
+                tracing::info!(backend = "sock_diag", ports = ?filter.ports, address = ?filter.address, "counting connections");
+                Inner::SockDiag(s)
+            }
+            Err(e) => {
+                tracing::info!(backend = "proc", error = %e, ports = ?filter.ports, address = ?filter.address, "sock_diag unavailable, counting connections from /proc/net/tcp");
+                Inner::Proc
+            }
+        };
+        Self { filter, inner }
     }
 
     pub fn backend(&self) -> Backend {
-        Backend::Proc
+        match self.inner {
+            Inner::SockDiag(_) => Backend::SockDiag,
+            Inner::Proc => Backend::Proc,
+        }
     }
 
+    pub fn filter(&self) -> &Filter {
+        &self.filter
+    }
+
+    /// Current established sockets. If sock_diag fails, switches to /proc for good (one
+    /// warning) — ids then change space once, so callers that track ids should treat a
+    /// change of `backend()` as a reset.
     pub fn snapshot(&mut self) -> Result<Snapshot, ConnError> {
-        let _ = &self.filter;
-        Ok(Snapshot::default())
+        if let Inner::SockDiag(s) = &mut self.inner {
+            match s.snapshot(&self.filter) {
+                Ok(snap) => return Ok(snap),
+                Err(e) => {
+                    tracing::warn!(error = %e, "sock_diag failed, falling back to /proc/net/tcp");
+                    self.inner = Inner::Proc;
+                }
+            }
+        }
+        procfs::snapshot(&self.filter)
     }
 }

@@ -69,7 +69,7 @@ mod tests {
             HintTemplate::parse("no placeholder"),
             Err(HintError::NoPlaceholder)
         );
-        let long = format!("{}{{after_ms}}", "x".repeat(120));
+        let long = format!("{}{{after_ms}}", "x".repeat(125));
         assert!(matches!(
             HintTemplate::parse(&long),
             Err(HintError::TooLong(_))
