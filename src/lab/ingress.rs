@@ -54,7 +54,7 @@ pub struct Layout {
 /// The HAProxy configuration for `mode` (pure: tested without HAProxy).
 pub fn config(mode: Mode, health: Health, layout: &Layout) -> String {
     let mut c = format!(
-        "global\n  stats socket {sock} mode 600 level admin\n  maxconn 20000\n\n\
+        "global\n  stats socket {sock} mode 600 level admin\n  maxconn 8000\n\n\
          defaults\n  mode http\n  timeout connect 1s\n  timeout client 60s\n  \
          timeout server 60s\n  timeout tunnel 1h\n  timeout client-fin 1s\n  \
          timeout server-fin 1s\n  timeout check 1s\n  retries 2\n  option redispatch\n\n",

@@ -117,7 +117,8 @@ impl Pod {
                     .args(["--address", &ip.to_string()])
                     .args(["--admin-url", &format!("http://{ip}:{admin_port}")])
                     .args(["--grace-period", &format!("{}ms", t.grace.as_millis())])
-                    .args(["--termination-log", ""])
+                    .arg("--termination-log")
+                    .arg(dir.join(format!("{name}-termination.log")))
                     .arg("--no-kube")
                     .args(flags)
                     .env_remove("POD_NAME")
@@ -261,7 +262,8 @@ impl Pod {
                     }
                 }
             }
-            if term.done() {
+            // The endpoint removal propagates on its own clock, even for a dead pod.
+            if term.done() && report.endpoint_removed_ms.is_some() {
                 break;
             }
             let now = Instant::now();
@@ -295,13 +297,6 @@ impl Pod {
                 _ = tokio::time::sleep_until(wake.into()) => {
                     actions = term.on_time(t0.elapsed());
                 }
-            }
-        }
-        // A pod that died before the propagation delay still leaves the ingress.
-        if report.endpoint_removed_ms.is_none() {
-            report.endpoint_removed_ms = Some(ms(t0));
-            if let Some(slot) = &self.slot {
-                let _ = ingress.remove(slot).await;
             }
         }
         report.total_ms = ms(t0);

@@ -65,12 +65,24 @@ impl Scenario {
         use Step::*;
         let (pods, steps) = match name {
             // The user's report: 3 replicas, 20 clients, scale to 6, 20 more, back to 3.
-            "seed" => (3, vec![Clients(20), ScaleTo(6), Clients(20), ScaleTo(3)]),
-            "rolling" => (3, vec![Clients(20), Rolling]),
-            "deadline" => (2, vec![Clients(10), IgnoringClients(4), ScaleTo(1)]),
+            "seed" => (
+                3,
+                vec![
+                    Clients(20),
+                    ScaleTo(6),
+                    Clients(20),
+                    WaitMs(1000),
+                    ScaleTo(3),
+                ],
+            ),
+            "rolling" => (3, vec![Clients(20), WaitMs(500), Rolling]),
+            "deadline" => (
+                2,
+                vec![Clients(10), IgnoringClients(4), WaitMs(500), ScaleTo(1)],
+            ),
             // Two pods with exactly half the clients each, one removed: the close rate
             // the agent plans is clients/2 over the close window.
-            "pacing" => (2, vec![Clients(80), ScaleTo(1)]),
+            "pacing" => (2, vec![Clients(80), WaitMs(500), ScaleTo(1)]),
             _ => return None,
         };
         Some(Scenario {
@@ -141,6 +153,7 @@ mod tests {
                 Step::Clients(20),
                 Step::ScaleTo(6),
                 Step::Clients(20),
+                Step::WaitMs(1000),
                 Step::ScaleTo(3)
             ]
         );
