@@ -33,6 +33,16 @@ pub enum Mode {
     Tiered,
 }
 
+impl Mode {
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::Keep => "keep",
+            Mode::ResetAll => "reset-all",
+            Mode::Tiered => "tiered",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Health {
     /// `GET /readyz` on the agent port (set per slot).

@@ -98,7 +98,7 @@ pub async fn run(cfg: &RunConfig) -> Result<Summary, LabError> {
     let mut s = Summary {
         scenario: cfg.scenario.name.clone(),
         agent: cfg.template.agent_flags.is_some(),
-        ingress: format!("{:?}", cfg.mode).to_lowercase(),
+        ingress: cfg.mode.label().to_owned(),
         client: if cfg.python.is_some() {
             "python"
         } else {
