@@ -52,7 +52,10 @@ fn assert_no_leftovers(run_id: &str) {
         if found.is_empty() {
             return;
         }
-        assert!(Instant::now() < end, "leftover processes of {run_id}: {found:?}");
+        assert!(
+            Instant::now() < end,
+            "leftover processes of {run_id}: {found:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -72,7 +75,10 @@ fn procs_with(needle: &str) -> Vec<String> {
                 && String::from_utf8_lossy(&bytes).contains(needle)
             {
                 let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-                found.push(format!("{name}: {}", String::from_utf8_lossy(&cmd).replace('\0', " ")));
+                found.push(format!(
+                    "{name}: {}",
+                    String::from_utf8_lossy(&cmd).replace('\0', " ")
+                ));
                 break;
             }
         }
@@ -89,7 +95,11 @@ fn seed_keep_ingress_agent_closes_cleanly_where_no_agent_resets() {
     assert!(removed > 0, "no client was on a removed pod: {with}");
     assert_eq!(n(&with, "removed.abnormal"), 0, "{with}");
     assert_eq!(n(&with, "removed.clean_1012_with_hint"), removed, "{with}");
-    assert_eq!(n(&with, "removed.reconnected_to_survivor"), removed, "{with}");
+    assert_eq!(
+        n(&with, "removed.reconnected_to_survivor"),
+        removed,
+        "{with}"
+    );
     assert_eq!(n(&with, "abnormal_closes"), 0, "{with}");
     assert_eq!(n(&with, "messages_lost"), 0, "{with}");
     assert_eq!(n(&with, "clients"), 40);
@@ -123,7 +133,11 @@ fn reset_all_gateway_resets_everyone_and_a_stable_tier_fixes_it() {
     let removed = n(&tiered, "removed.connections");
     assert!(removed > 0, "{tiered}");
     assert_eq!(n(&tiered, "abnormal_closes"), 0, "{tiered}");
-    assert_eq!(n(&tiered, "removed.clean_1012_with_hint"), removed, "{tiered}");
+    assert_eq!(
+        n(&tiered, "removed.clean_1012_with_hint"),
+        removed,
+        "{tiered}"
+    );
     assert_eq!(n(&tiered, "messages_lost"), 0, "{tiered}");
 }
 
@@ -144,7 +158,13 @@ fn paced_closes_keep_reconnects_near_the_planned_rate() {
         "peak {peak}/s above 1.2 x planned {planned}/s: {paced}"
     );
     let burst = lab(
-        &["pacing", "--close-window", "100ms", "--reconnect-after", "0ms"],
+        &[
+            "pacing",
+            "--close-window",
+            "100ms",
+            "--reconnect-after",
+            "0ms",
+        ],
         LIMIT,
     );
     let burst_peak = n(&burst, "peak_reconnects_per_s") as f64;
@@ -205,11 +225,7 @@ fn interrupted_lab_leaves_nothing_behind() {
     let stderr = p.child.stderr.take().expect("stderr");
     let mut lines = BufReader::new(stderr).lines();
     let first = lines.next().expect("a line").expect("read");
-    let run_id = first
-        .split_whitespace()
-        .last()
-        .expect("run id")
-        .to_owned();
+    let run_id = first.split_whitespace().last().expect("run id").to_owned();
     assert!(run_id.starts_with("wsdrain-lab-"), "{first}");
     // Interrupt once pods, HAProxy and clients are all up.
     let end = Instant::now() + Duration::from_secs(20);
@@ -224,5 +240,8 @@ fn interrupted_lab_leaves_nothing_behind() {
     let status = p.wait_timeout(Duration::from_secs(10)).expect("lab exits");
     assert_eq!(status.code(), Some(130));
     assert_no_leftovers(&run_id);
-    assert!(!std::env::temp_dir().join(&run_id).exists(), "temp dir left");
+    assert!(
+        !std::env::temp_dir().join(&run_id).exists(),
+        "temp dir left"
+    );
 }
