@@ -105,6 +105,9 @@ class Client:
                     rec["echoed"] += 1
 
         tasks = [asyncio.ensure_future(sender()), asyncio.ensure_future(receiver())]
+        for t in tasks:
+            # A reset ends them with an exception; the close state below says what happened.
+            t.add_done_callback(lambda t: t.cancelled() or t.exception())
         stop_task = asyncio.ensure_future(self.stop.wait())
         done, _ = await asyncio.wait(tasks + [stop_task], return_when=asyncio.FIRST_COMPLETED)
         for t in tasks + [stop_task]:
