@@ -14,6 +14,7 @@ use crate::conn::{Counter, Filter};
 use crate::drain::machine::Timings;
 use crate::drain::report::{Notice, Trigger};
 use crate::drain::runner::{Drainer, Io};
+use crate::kube::{self, PodLink};
 use crate::metrics::Metrics;
 use crate::signals;
 
@@ -38,6 +39,16 @@ impl Agent {
             address: cfg.address,
         });
         let backend = counter.backend();
+        let link = match cfg.kube.clone() {
+            Some(pod) => match PodLink::connect(pod, cfg.readiness_gate).await {
+                Ok(link) => Some(Arc::new(link)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Kubernetes API client unavailable; draining without it");
+                    None
+                }
+            },
+            None => None,
+        };
         let io = Io {
             counter: Arc::new(Mutex::new(counter)),
             admin: cfg
@@ -48,10 +59,12 @@ impl Agent {
             close_code: cfg.close_code,
             hint: cfg.hint.clone(),
             metrics: Arc::new(Metrics::new()),
-            deadline_probe: None,
+            deadline_probe: link
+                .clone()
+                .map(|l| kube::deadline_probe(l, cfg.drain_timeout, cfg.app_reserve)),
         };
         let drainer = Drainer::new(Timings::from_config(&cfg), cfg.drain_timeout, io);
-        spawn_notice_log(&drainer, &cfg);
+        spawn_termination_message(&drainer, &cfg);
 
         tracing::info!(
             listen = %local_addr,
@@ -68,6 +81,9 @@ impl Agent {
             trigger_from: cfg.trigger_from.clone(),
         };
         tokio::spawn(api::serve(listener, drainer.clone(), guard));
+        if let Some(link) = link {
+            spawn_kube(link, &drainer);
+        }
         Ok(Agent {
             drainer,
             local_addr,
@@ -84,17 +100,42 @@ impl Agent {
 }
 
 /// Writes the termination message when a drain finishes.
-fn spawn_notice_log(drainer: &Drainer, cfg: &AgentConfig) {
+fn spawn_termination_message(drainer: &Drainer, cfg: &AgentConfig) {
+    let Some(path) = cfg.termination_log.clone() else {
+        return;
+    };
     let mut notices = drainer.notices();
-    let path = cfg.termination_log.clone();
     tokio::spawn(async move {
         while let Ok(notice) = notices.recv().await {
-            if let (Notice::Finished(summary), Some(path)) = (&notice, &path) {
-                let line = serde_json::to_string(summary).unwrap_or_default();
-                if let Err(e) = tokio::fs::write(path, line + "\n").await {
-                    tracing::debug!(path = %path.display(), error = %e, "termination message not written");
-                }
+            if let Notice::Finished(summary) = notice
+                && let Err(e) = kube::write_termination_message(&path, &summary)
+            {
+                tracing::debug!(path = %path.display(), error = %e, "termination message not written");
             }
+        }
+    });
+}
+
+/// The pod's side of the drain: readiness condition, Events, the deletion watch, and the
+/// API failure count for /metrics.
+fn spawn_kube(link: Arc<PodLink>, drainer: &Drainer) {
+    tokio::spawn(kube::follow_notices(link.clone(), drainer.notices()));
+    let serving = link.clone();
+    tokio::spawn(async move { serving.set_serving(true).await });
+    // Starts the drain when the pod is deleted even if no hook reaches the agent
+    // (e.g. `wrap`, or an app container whose own preStop was kept).
+    let (watch, d) = (link.clone(), drainer.clone());
+    tokio::spawn(async move {
+        watch.wait_for_deletion().await;
+        tracing::info!("pod deletion seen: starting the drain");
+        d.start(Trigger::PodDeletion).await;
+    });
+    let metrics = drainer.metrics().clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            metrics.kube_failures.set(link.failures() as i64);
         }
     });
 }

@@ -86,6 +86,11 @@ pub fn parse_range(s: &str) -> Result<DurationRange, String> {
     Ok(DurationRange { min, max })
 }
 
+/// A path; empty is allowed and means "off".
+fn parse_path(s: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(s))
+}
+
 fn parse_ports(s: &str) -> Result<u16, String> {
     match s.trim().parse::<u16>() {
         Ok(0) => Err("port 0 is not a port".into()),
@@ -203,7 +208,8 @@ pub struct AgentArgs {
     #[arg(
         long,
         env = "WSDRAIN_TERMINATION_LOG",
-        default_value = "/dev/termination-log"
+        default_value = "/dev/termination-log",
+        value_parser = parse_path
     )]
     pub termination_log: PathBuf,
 }

@@ -41,16 +41,27 @@ enum Command {
     Echo(wsdrain::echo::EchoArgs),
     /// Reproduce scale-downs on this machine with real pods, ingress and clients.
     Lab(wsdrain::lab::LabArgs),
+    /// Copy this binary to DEST (init container of `wsdrain.io/mode: wrap`).
+    #[command(hide = true)]
+    CopySelf {
+        /// Where to write the executable copy.
+        dest: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     wsdrain::logging::init(cli.log_format);
+    // One TLS provider for the whole process (kube client, webhook): ring, not aws-lc.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
         // wrap manages its own runtime and exit code (it must reap children first).
         Command::Wrap(args) => return wsdrain::wrap::main(args),
         // inject is synchronous I/O on files.
         Command::Inject(args) => wsdrain::inject::cli::run(args),
+        Command::CopySelf { dest } => wsdrain::inject::copy_self::copy_self(&dest)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| anyhow::anyhow!("copy-self {}: {e}", dest.display())),
         Command::Agent(args) => block_on(async { wsdrain::agent::run(args.validate()?).await }),
         Command::Webhook(args) => block_on(wsdrain::webhook::run(args)),
         Command::Prestop(args) => block_on(wsdrain::prestop::run(args)),

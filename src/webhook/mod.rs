@@ -1,13 +1,267 @@
-//! The mutating admission webhook over TLS (stub: helper fills in).
+//! The mutating admission webhook over TLS: AdmissionReview v1 in, JSON Patch out, using
+//! the same pure injector as `wsdrain inject`. See docs/webhook.md.
 
+pub mod metrics;
+pub mod review;
+pub mod server;
+pub mod tls;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::inject::{DEFAULT_IMAGE, InjectSettings};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NativeSidecars {
+    /// Ask the API server its version at start (>= 1.29 → native).
+    Auto,
+    True,
+    False,
+}
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct WebhookArgs {
+    /// Address to serve HTTPS on.
     #[arg(long, env = "WSDRAIN_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
     pub listen: std::net::SocketAddr,
+
+    /// PEM certificate chain (reloaded when the file changes).
+    #[arg(
+        long,
+        env = "WSDRAIN_WEBHOOK_CERT",
+        requires = "key",
+        required_unless_present = "self_signed"
+    )]
+    pub cert: Option<PathBuf>,
+
+    /// PEM private key (reloaded when the file changes).
+    #[arg(long, env = "WSDRAIN_WEBHOOK_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+
+    /// Generate a CA and serving certificate in memory (labs) and print the caBundle.
+    #[arg(long, env = "WSDRAIN_WEBHOOK_SELF_SIGNED", conflicts_with_all = ["cert", "key"])]
+    pub self_signed: bool,
+
+    /// Names for the self-signed certificate (DNS names or IPs, comma-separated in the env
+    /// var). Default: localhost, 127.0.0.1 and the service's DNS names.
+    #[arg(long = "san", env = "WSDRAIN_WEBHOOK_SANS", value_delimiter = ',')]
+    pub sans: Vec<String>,
+
+    /// Service name, for the default self-signed names.
+    #[arg(
+        long,
+        env = "WSDRAIN_WEBHOOK_SERVICE",
+        default_value = "wsdrain-webhook"
+    )]
+    pub service: String,
+
+    /// Namespace the webhook runs in, for the default self-signed names.
+    #[arg(long, env = "WSDRAIN_WEBHOOK_NAMESPACE", default_value = "wsdrain")]
+    pub namespace: String,
+
+    /// Agent image to inject.
+    #[arg(long, env = "WSDRAIN_WEBHOOK_IMAGE", default_value = DEFAULT_IMAGE)]
+    pub image: String,
+
+    /// imagePullPolicy of the injected containers.
+    #[arg(long, env = "WSDRAIN_WEBHOOK_IMAGE_PULL_POLICY", default_value = "IfNotPresent",
+          value_parser = ["IfNotPresent", "Always", "Never"])]
+    pub image_pull_policy: String,
+
+    /// Whether the cluster runs native sidecars (restartPolicy: Always init containers).
+    #[arg(long, env = "WSDRAIN_WEBHOOK_NATIVE_SIDECARS", default_value = "auto")]
+    pub native_sidecars: NativeSidecars,
+
+    /// How often the certificate files are checked for changes.
+    #[arg(long, env = "WSDRAIN_WEBHOOK_CERT_POLL", default_value = "1s",
+          value_parser = crate::config::parse_duration)]
+    pub cert_poll: Duration,
+
+    /// Largest request body accepted (bytes); larger gets 413.
+    #[arg(long, env = "WSDRAIN_WEBHOOK_MAX_BODY", default_value_t = server::DEFAULT_BODY_LIMIT)]
+    pub max_body: usize,
 }
 
 pub async fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("webhook not built yet: {args:?}")
+    tls::install_ring();
+    let native_sidecars = match args.native_sidecars {
+        NativeSidecars::True => true,
+        NativeSidecars::False => false,
+        NativeSidecars::Auto => detect_native_sidecars().await,
+    };
+
+    let stop = CancellationToken::new();
+    let store = if args.self_signed {
+        let sans = if args.sans.is_empty() {
+            default_sans(&args.service, &args.namespace)
+        } else {
+            args.sans.clone()
+        };
+        let generated = tls::self_signed(&sans).context("--self-signed")?;
+        // stdout carries only this line, so scripts can take it: `... | sed -n 's/^caBundle: //p'`.
+        println!("caBundle: {}", review::base64(generated.ca_pem.as_bytes()));
+        tracing::info!(?sans, "serving a self-signed certificate (lab use)");
+        tls::CertStore::new(generated.key)
+    } else {
+        let (Some(cert), Some(key)) = (args.cert.clone(), args.key.clone()) else {
+            anyhow::bail!("--cert and --key are required unless --self-signed is given");
+        };
+        let mut files = tls::FilePair::new(cert, key);
+        let first = files
+            .load_if_changed()
+            .context("loading --cert/--key")?
+            .context("certificate files unreadable")?;
+        let store = tls::CertStore::new(first);
+        tokio::spawn(tls::watch(
+            files,
+            store.clone(),
+            args.cert_poll,
+            stop.clone(),
+        ));
+        store
+    };
+    let tls_config = tls::server_config(store)?;
+
+    let app = Arc::new(server::App {
+        settings: InjectSettings {
+            image_pull_policy: args.image_pull_policy.clone(),
+            native_sidecars,
+            // The MutatingWebhookConfiguration's selectors only call us for opted-in
+            // namespaces or pods (the namespace label is not in the request), so being
+            // called means opted in; a pod label `wsdrain.io/inject: "false"` still wins.
+            namespace_opted_in: true,
+            ..InjectSettings::new(args.image.clone())
+        },
+        metrics: metrics::Metrics::new(),
+        body_limit: args.max_body,
+    });
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("bind {}", args.listen))?;
+    tracing::info!(
+        listen = %args.listen,
+        image = %args.image,
+        native_sidecars,
+        "webhook serving /mutate, /healthz, /metrics"
+    );
+    tokio::spawn(stop_on_signal(stop.clone()));
+    server::serve(listener, tls_config, app, stop).await;
+    tracing::info!("webhook stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn default_sans(service: &str, namespace: &str) -> Vec<String> {
+    vec![
+        "localhost".into(),
+        "127.0.0.1".into(),
+        service.into(),
+        format!("{service}.{namespace}"),
+        format!("{service}.{namespace}.svc"),
+        format!("{service}.{namespace}.svc.cluster.local"),
+    ]
+}
+
+async fn stop_on_signal(stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM/SIGINT");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: finishing in-flight requests"),
+        _ = int.recv() => tracing::info!("SIGINT: finishing in-flight requests"),
+    }
+    stop.cancel();
+}
+
+/// Native sidecars are on by default from Kubernetes 1.29. Without a reachable API server
+/// we assume a current cluster (true); pods can still say `wsdrain.io/sidecar: classic`.
+async fn detect_native_sidecars() -> bool {
+    let probe = async {
+        let client = kube::Client::try_default().await?;
+        let info = client.apiserver_version().await?;
+        Ok::<_, kube::Error>((info.major, info.minor, info.git_version))
+    };
+    match tokio::time::timeout(Duration::from_secs(5), probe).await {
+        Ok(Ok((major, minor, git))) => match supports_native_sidecars(&major, &minor) {
+            Some(native) => {
+                tracing::info!(version = %git, native_sidecars = native, "API server version");
+                native
+            }
+            None => {
+                tracing::warn!(%major, %minor, "API server version not understood; assuming native sidecars");
+                true
+            }
+        },
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "API server not reachable; assuming native sidecars (>= 1.29)");
+            true
+        }
+        Err(_) => {
+            tracing::warn!(
+                "API server version probe timed out; assuming native sidecars (>= 1.29)"
+            );
+            true
+        }
+    }
+}
+
+/// `minor` may carry a suffix ("29+" on GKE/EKS).
+fn supports_native_sidecars(major: &str, minor: &str) -> Option<bool> {
+    let num = |s: &str| {
+        s.trim()
+            .trim_end_matches(|c: char| !c.is_ascii_digit())
+            .parse::<u32>()
+            .ok()
+    };
+    let (major, minor) = (num(major)?, num(minor)?);
+    Some((major, minor) >= (1, 29))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_gate() {
+        assert_eq!(supports_native_sidecars("1", "28"), Some(false));
+        assert_eq!(supports_native_sidecars("1", "29+"), Some(true));
+        assert_eq!(supports_native_sidecars("1", "33"), Some(true));
+        assert_eq!(supports_native_sidecars("2", "0"), Some(true));
+        assert_eq!(supports_native_sidecars("1", ""), None);
+    }
+
+    #[test]
+    fn flags_parse() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: WebhookArgs,
+        }
+        let cli = Cli::try_parse_from(["x", "--self-signed", "--san", "a,b"]).expect("parse");
+        assert_eq!(cli.args.sans, ["a", "b"]);
+        assert_eq!(cli.args.native_sidecars, NativeSidecars::Auto);
+        assert!(
+            Cli::try_parse_from(["x"]).is_err(),
+            "needs certs or --self-signed"
+        );
+        assert!(
+            Cli::try_parse_from(["x", "--cert", "c"]).is_err(),
+            "cert needs key"
+        );
+        assert!(Cli::try_parse_from(["x", "--self-signed", "--cert", "c", "--key", "k"]).is_err());
+    }
 }

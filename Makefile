@@ -1,0 +1,48 @@
+# wsdrain — newcomer entry points. Every target installs what it needs (scripts/setup-deps.sh).
+SHELL := /bin/bash
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: all build deps test unit e2e manifests demo bench lint fmt image-binary clean
+
+all: build
+
+deps:
+	@bash scripts/setup-deps.sh
+
+build: deps
+	$(CARGO) build
+
+# The whole suite: unit tests, real-process e2e tests, manifest validation.
+test: deps
+	$(CARGO) build --all-targets
+	$(CARGO) test --no-fail-fast -- --test-threads=2
+	bash scripts/validate-manifests.sh
+
+unit:
+	$(CARGO) test --lib
+
+demo: deps
+	$(CARGO) build
+	bash scripts/demo.sh
+
+# Figures, not assertions: counting speed, hook release latency, RSS, webhook latency.
+bench: deps
+	$(CARGO) bench --bench count
+	$(CARGO) bench --bench agent
+	$(CARGO) bench --bench webhook
+
+lint: deps
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	bash scripts/lint-manifests.sh
+
+fmt:
+	$(CARGO) fmt
+
+image-binary:
+	bash scripts/image-binary.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf .venv .venv-lint tests/node/node_modules

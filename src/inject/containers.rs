@@ -1,0 +1,187 @@
+//! JSON of what the patch adds: the agent container, the app's preStop hook and the
+//! wrap-mode pieces. Values only; where they go is decided in `mod.rs`.
+
+use serde_json::{Value, json};
+
+use super::options::Options;
+use super::{AGENT_NAME, InjectSettings, TOKEN_HEADER};
+use crate::config::format_duration;
+
+/// Timings and ports resolved for one pod.
+pub struct AgentPlan<'a> {
+    pub settings: &'a InjectSettings,
+    pub options: &'a Options,
+    pub ports: &'a [u16],
+    pub grace_secs: i64,
+    pub drain_timeout: std::time::Duration,
+}
+
+pub const BIN_VOLUME: &str = "wsdrain-bin";
+pub const BIN_DIR: &str = "/wsdrain-bin";
+pub const COPY_NAME: &str = "wsdrain-copy";
+
+fn ports_list(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Agent settings as (env name, flag, value): the sidecar takes env, wrap takes flags.
+fn agent_options(plan: &AgentPlan) -> Vec<(&'static str, &'static str, String)> {
+    let o = plan.options;
+    let mut out = vec![
+        ("WSDRAIN_PORTS", "--ports", ports_list(plan.ports)),
+        (
+            "WSDRAIN_GRACE_PERIOD",
+            "--grace-period",
+            format!("{}s", plan.grace_secs),
+        ),
+        (
+            "WSDRAIN_DRAIN_TIMEOUT",
+            "--drain-timeout",
+            format_duration(plan.drain_timeout),
+        ),
+    ];
+    if let Some(url) = &o.admin_url {
+        out.push(("WSDRAIN_ADMIN_URL", "--admin-url", url.clone()));
+    }
+    if let Some(d) = o.settle_max {
+        out.push(("WSDRAIN_SETTLE_MAX", "--settle-max", format_duration(d)));
+    }
+    if let Some(code) = o.close_code {
+        out.push(("WSDRAIN_CLOSE_CODE", "--close-code", code.to_string()));
+    }
+    if let Some(r) = &o.reconnect_after {
+        out.push(("WSDRAIN_RECONNECT_AFTER", "--reconnect-after", r.clone()));
+    }
+    out.push(("WSDRAIN_TOKEN", "--token", plan.settings.token.clone()));
+    out
+}
+
+fn field_env(name: &str, path: &str) -> Value {
+    json!({"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}})
+}
+
+/// Hardened securityContext shared by every container we add.
+fn security_context() -> Value {
+    json!({
+        "allowPrivilegeEscalation": false,
+        "capabilities": {"drop": ["ALL"]},
+        "privileged": false,
+        "readOnlyRootFilesystem": true,
+        "runAsGroup": 65532,
+        "runAsNonRoot": true,
+        "runAsUser": 65532,
+        "seccompProfile": {"type": "RuntimeDefault"}
+    })
+}
+
+fn resources() -> Value {
+    json!({"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}})
+}
+
+/// The agent container; `native` makes it a sidecar init container.
+pub fn agent(plan: &AgentPlan, native: bool) -> Value {
+    let s = plan.settings;
+    let port = s.agent_port;
+    let mut env = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("POD_IP", "status.podIP"),
+        field_env("HOST_IP", "status.hostIP"),
+    ];
+    env.extend(
+        agent_options(plan)
+            .into_iter()
+            .map(|(name, _, value)| json!({"name": name, "value": value})),
+    );
+    // The kubelet calls the preStop hook from the node: accept HOST_IP (and loopback).
+    env.push(json!({"name": "WSDRAIN_TRIGGER_FROM", "value": "$(HOST_IP)"}));
+    if plan.options.readiness_gate {
+        env.push(json!({"name": "WSDRAIN_READINESS_GATE", "value": "true"}));
+    }
+    let mut c = json!({
+        "name": AGENT_NAME,
+        "image": s.image,
+        "imagePullPolicy": s.image_pull_policy,
+        "args": ["agent"],
+        "ports": [{"name": "wsdrain-api", "containerPort": port, "protocol": "TCP"}],
+        "env": env,
+        // Fails fast once draining so the pod leaves rotation even without a gate.
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": port, "scheme": "HTTP"},
+            "periodSeconds": 2, "timeoutSeconds": 1, "failureThreshold": 1, "successThreshold": 1
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/livez", "port": port, "scheme": "HTTP"},
+            "periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 3, "successThreshold": 1
+        },
+        "resources": resources(),
+        "securityContext": security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError"
+    });
+    if native {
+        c["restartPolicy"] = json!("Always");
+    }
+    c
+}
+
+/// The app's preStop: blocks in the kubelet until the agent's drain ends.
+pub fn prestop(settings: &InjectSettings) -> Value {
+    json!({"httpGet": {
+        "path": "/prestop",
+        "port": settings.agent_port,
+        "scheme": "HTTP",
+        "httpHeaders": [{"name": TOKEN_HEADER, "value": settings.token}]
+    }})
+}
+
+/// Wrap mode: init container copying the static binary into the shared volume.
+pub fn copy_init(settings: &InjectSettings) -> Value {
+    json!({
+        "name": COPY_NAME,
+        "image": settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["/wsdrain", "copy-self", format!("{BIN_DIR}/wsdrain")],
+        "volumeMounts": [{"name": BIN_VOLUME, "mountPath": BIN_DIR}],
+        "resources": resources(),
+        "securityContext": security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError"
+    })
+}
+
+pub fn bin_volume() -> Value {
+    json!({"name": BIN_VOLUME, "emptyDir": {"sizeLimit": "64Mi"}})
+}
+
+pub fn bin_mount() -> Value {
+    json!({"name": BIN_VOLUME, "mountPath": BIN_DIR, "readOnly": true})
+}
+
+/// Downward-API env the wrapped command refers to as `$(WSDRAIN_POD_NAME)`; prefixed
+/// so it cannot clash with the app's own POD_NAME.
+pub fn wrap_env() -> Vec<Value> {
+    vec![
+        field_env("WSDRAIN_POD_NAME", "metadata.name"),
+        field_env("WSDRAIN_POD_NAMESPACE", "metadata.namespace"),
+    ]
+}
+
+/// `wsdrain wrap --flags… -- <original command>`; the app's `args` stay as they are and
+/// the kubelet appends them after the command.
+pub fn wrap_command(plan: &AgentPlan, original: &[Value]) -> Value {
+    let mut cmd = vec![json!(format!("{BIN_DIR}/wsdrain")), json!("wrap")];
+    for (_, flag, value) in agent_options(plan) {
+        cmd.push(json!(format!("{flag}={value}")));
+    }
+    if plan.options.readiness_gate {
+        cmd.push(json!("--readiness-gate"));
+    }
+    cmd.push(json!("--pod-name=$(WSDRAIN_POD_NAME)"));
+    cmd.push(json!("--pod-namespace=$(WSDRAIN_POD_NAMESPACE)"));
+    cmd.push(json!("--"));
+    cmd.extend(original.iter().cloned());
+    Value::Array(cmd)
+}

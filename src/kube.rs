@@ -1,1 +1,0 @@
-//! The Kubernetes API side of the agent (stub: helper fills in).

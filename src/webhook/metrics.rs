@@ -1,0 +1,125 @@
+//! Webhook metrics in the Prometheus text format.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// What happened to one admission request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Patch returned: the agent was injected.
+    Injected,
+    /// A Pod CREATE that the injector declined (opted out, already injected, ...).
+    Skipped,
+    /// Not ours to look at: other kinds, other operations, subresources.
+    Ignored,
+    /// The injector failed on this pod; allowed without a patch.
+    Error,
+    /// The request itself was bad (400, 413, 408...).
+    Invalid,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Injected => "injected",
+            Outcome::Skipped => "skipped",
+            Outcome::Ignored => "ignored",
+            Outcome::Error => "error",
+            Outcome::Invalid => "invalid",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    admissions: Family<ResultLabel, Counter>,
+    latency: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("wsdrain_webhook");
+        let admissions = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "admissions",
+            "Admission requests by result (injected, skipped, ignored, error, invalid)",
+            admissions.clone(),
+        );
+        // 50 µs .. ~0.4 s: the API server's timeout is seconds, our goal is p99 <= 2 ms.
+        let latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 14));
+        registry.register(
+            "admission_duration_seconds",
+            "Time from request headers to response, body read included",
+            latency.clone(),
+        );
+        // Every result shows up at 0 from the start, so dashboards and alerts see the series.
+        for o in [
+            Outcome::Injected,
+            Outcome::Skipped,
+            Outcome::Ignored,
+            Outcome::Error,
+            Outcome::Invalid,
+        ] {
+            let _ = admissions.get_or_create(&ResultLabel { result: o.as_str() });
+        }
+        Metrics {
+            registry,
+            admissions,
+            latency,
+        }
+    }
+
+    pub fn record(&self, outcome: Outcome, seconds: f64) {
+        self.admissions
+            .get_or_create(&ResultLabel {
+                result: outcome.as_str(),
+            })
+            .inc();
+        self.latency.observe(seconds);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_histogram_are_exposed() {
+        let m = Metrics::new();
+        m.record(Outcome::Injected, 0.001);
+        let text = m.encode();
+        assert!(
+            text.contains("wsdrain_webhook_admissions_total{result=\"injected\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wsdrain_webhook_admissions_total{result=\"invalid\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wsdrain_webhook_admission_duration_seconds_count 1"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,320 @@
+//! Injection: golden pods through `inject_pod` (patch applied with json-patch, result
+//! checked against tests/fixtures/inject/*.out.yaml and parsed as a k8s-openapi Pod),
+//! idempotency, and the real `wsdrain inject` binary on multi-document manifests.
+//! `UPDATE_GOLDEN=1 cargo test --test inject` rewrites the expected files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{Value, json};
+use wsdrain::inject::{Decision, InjectSettings, inject_pod};
+
+const TOKEN: &str = "test-token-0123456789";
+
+fn settings(namespace_opted_in: bool, native_sidecars: bool) -> InjectSettings {
+    InjectSettings {
+        token: TOKEN.into(),
+        namespace_opted_in,
+        native_sidecars,
+        ..InjectSettings::new("ghcr.io/wsdrain/wsdrain:test")
+    }
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inject")
+}
+
+fn read_yaml(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Runs one pod through `inject_pod` and returns what the golden file records.
+fn outcome(pod: &Value, s: &InjectSettings) -> Value {
+    match inject_pod(pod, s) {
+        Err(e) => json!({"error": e.to_string()}),
+        Ok(Decision::Skip { reason }) => json!({"skip": reason}),
+        Ok(Decision::Patch { patch, warnings }) => {
+            let mut patched = pod.clone();
+            json_patch::patch(&mut patched, &patch).expect("patch applies");
+            if patched.get("kind").is_some() {
+                let typed: Pod = serde_json::from_value(patched.clone()).expect("a valid Pod");
+                assert_eq!(
+                    typed.metadata.annotations.unwrap()["wsdrain.io/status"],
+                    "injected"
+                );
+            }
+            // Idempotency: the output, injected again, is left alone.
+            match inject_pod(&patched, s) {
+                Ok(Decision::Skip { reason }) => assert!(reason.contains("already injected")),
+                other => panic!("second injection was not skipped: {other:?}"),
+            }
+            // Ops and paths only: the values are visible in the patched pod.
+            let ops: Vec<String> = patch
+                .iter()
+                .map(|op| {
+                    let v = serde_json::to_value(op).unwrap();
+                    format!("{} {}", v["op"].as_str().unwrap(), op.path())
+                })
+                .collect();
+            json!({"warnings": warnings, "patch": ops, "pod": patched})
+        }
+    }
+}
+
+#[test]
+fn golden_pods() {
+    // (fixture, namespace opted in, cluster has native sidecars)
+    let cases = [
+        ("basic", false, true),
+        ("no-ports", false, true),
+        ("named-ports", false, true),
+        ("default-container", false, true),
+        ("app-container-annotation", false, true),
+        ("existing-prestop", false, true),
+        ("existing-lifecycle", false, true),
+        ("existing-init", false, true),
+        ("classic-old-cluster", false, false),
+        ("classic-annotation", false, true),
+        ("native-annotation-old-cluster", false, false),
+        ("escaped-keys", false, true),
+        ("no-annotations", false, true),
+        ("grace-clamp", false, true),
+        ("grace-raise", false, true),
+        ("grace-raise-unset", false, true),
+        ("grace-too-short", false, true),
+        ("opted-out", true, true),
+        ("not-opted-in", false, true),
+        ("namespace-opted-in", true, true),
+        ("already-injected", false, true),
+        ("all-annotations", false, true),
+        ("readiness-gate-new", false, true),
+        ("wrap", false, true),
+        ("wrap-no-command", false, true),
+        ("bad-annotation", false, true),
+        ("template-no-metadata", true, true),
+        ("port-clash", false, true),
+    ];
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    let mut failed = Vec::new();
+    for (name, ns, native) in cases {
+        let pod = read_yaml(&fixtures().join(format!("{name}.in.yaml")));
+        let got = outcome(&pod, &settings(ns, native));
+        let out = fixtures().join(format!("{name}.out.yaml"));
+        if update {
+            std::fs::write(&out, serde_yaml::to_string(&got).unwrap()).unwrap();
+        } else if read_yaml(&out) != got {
+            eprintln!("--- {name}: got\n{}", serde_yaml::to_string(&got).unwrap());
+            failed.push(name);
+        }
+    }
+    // Every fixture is in the table.
+    let listed: Vec<_> = cases.iter().map(|c| format!("{}.in.yaml", c.0)).collect();
+    for entry in std::fs::read_dir(fixtures()).unwrap() {
+        let file = entry.unwrap().file_name().into_string().unwrap();
+        if file.ends_with(".in.yaml") {
+            assert!(listed.contains(&file), "{file} is not in the table");
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "golden mismatch (UPDATE_GOLDEN=1 to regenerate): {failed:?}"
+    );
+}
+
+#[test]
+fn errors_name_the_field() {
+    let pod = read_yaml(&fixtures().join("bad-annotation.in.yaml"));
+    let err = inject_pod(&pod, &settings(false, true)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        r#"metadata.annotations["wsdrain.io/drain-timeout"]: "abc" is not a duration: 'abc' does not start with a number"#
+    );
+    let not_a_pod =
+        json!({"spec": {"containers": "x"}, "metadata": {"labels": {"wsdrain.io/inject": "true"}}});
+    assert!(
+        inject_pod(&not_a_pod, &settings(false, true))
+            .unwrap_err()
+            .field
+            .contains("spec")
+    );
+    assert!(inject_pod(&json!(42), &settings(true, true)).is_err());
+}
+
+#[test]
+fn tokens_end_up_in_hook_and_agent() {
+    let pod = read_yaml(&fixtures().join("basic.in.yaml"));
+    let s = InjectSettings::new("img");
+    let Ok(Decision::Patch { patch, .. }) = inject_pod(&pod, &s) else {
+        panic!("not patched")
+    };
+    let text = serde_json::to_string(&patch).unwrap();
+    assert_eq!(text.matches(&s.token).count(), 2, "{text}");
+}
+
+fn run_inject(input: &[u8], extra: &[&str], envs: &[(&str, &str)]) -> (String, String) {
+    use std::io::Write;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsdrain"));
+    cmd.args(["inject", "-f", "-"]).args(extra);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    );
+    assert!(out.status.success(), "inject failed: {stderr}");
+    (stdout, stderr)
+}
+
+fn docs(text: &str) -> Vec<Value> {
+    use serde::Deserialize;
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .collect()
+}
+
+/// kubernetes-validate --strict from the venv of scripts/setup-deps.sh.
+fn kubernetes_validate(text: &str) {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/kubernetes-validate");
+    assert!(venv.exists(), "run scripts/setup-deps.sh first");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("out.yaml");
+    std::fs::write(&file, text).unwrap();
+    let out = Command::new(venv)
+        .arg("--strict")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let report =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kubernetes-validate:\n{report}");
+}
+
+#[test]
+fn cli_injects_only_pod_templates() {
+    let input = std::fs::read_to_string(fixtures().join("cli-workloads.yaml")).unwrap();
+    let (out, err) = run_inject(
+        input.as_bytes(),
+        &["--image", "ghcr.io/wsdrain/wsdrain:test"],
+        &[("WSDRAIN_INJECT_TOKEN", TOKEN)],
+    );
+    assert!(err.contains("Deployment/echo: injected"), "{err}");
+    assert!(err.contains("CronJob/nightly: injected"), "{err}");
+
+    // The ConfigMap and the Service come out as written, byte for byte.
+    let tail = &input[input.find("# Not a workload").unwrap()..];
+    assert!(out.ends_with(tail), "{out}");
+
+    let (before, after) = (docs(&input), docs(&out));
+    assert_eq!(before.len(), 4);
+    assert_eq!(after.len(), 4);
+    for (i, tpl) in [
+        (0, "/spec/template"),
+        (1, "/spec/jobTemplate/spec/template"),
+    ] {
+        let mut b = before[i].clone();
+        let a = &after[i];
+        // Outside the template nothing changed.
+        *b.pointer_mut(tpl).unwrap() = a.pointer(tpl).unwrap().clone();
+        assert_eq!(&b, a);
+        // The template is what inject_pod makes of it.
+        let expected = outcome(before[i].pointer(tpl).unwrap(), &settings(false, true));
+        assert_eq!(a.pointer(tpl).unwrap(), &expected["pod"]);
+        assert_eq!(
+            a.pointer(&format!("{tpl}/spec/initContainers/0/name"))
+                .unwrap(),
+            "wsdrain"
+        );
+    }
+    kubernetes_validate(&out);
+
+    // Idempotent: the output goes through unchanged.
+    let (again, err) = run_inject(out.as_bytes(), &[], &[]);
+    assert_eq!(again, out);
+    assert!(err.contains("already injected"), "{err}");
+}
+
+#[test]
+fn cli_flags_and_random_tokens() {
+    let input = std::fs::read_to_string(fixtures().join("cli-workloads.yaml")).unwrap();
+    let (out, _) = run_inject(
+        input.as_bytes(),
+        &[
+            "--native-sidecars",
+            "false",
+            "--image",
+            "registry.example/wsdrain:9",
+        ],
+        &[],
+    );
+    let d = docs(&out);
+    let agent = d[0].pointer("/spec/template/spec/containers/1").unwrap();
+    assert_eq!(agent["name"], "wsdrain");
+    assert_eq!(agent["image"], "registry.example/wsdrain:9");
+    let token = |doc: &Value, tpl: &str| {
+        doc.pointer(&format!(
+            "{tpl}/spec/containers/0/lifecycle/preStop/httpGet/httpHeaders/0/value"
+        ))
+        .and_then(Value::as_str)
+        .unwrap()
+        .to_string()
+    };
+    let (t1, t2) = (
+        token(&d[0], "/spec/template"),
+        token(&d[1], "/spec/jobTemplate/spec/template"),
+    );
+    assert_eq!(t1.len(), 32);
+    assert_ne!(t1, t2, "one token per pod template");
+
+    // Namespace opt-in flag: a pod without the label is injected only with it.
+    let pod = std::fs::read(fixtures().join("namespace-opted-in.in.yaml")).unwrap();
+    let (out, err) = run_inject(&pod, &[], &[]);
+    assert!(err.contains("not opted in"), "{err}");
+    assert_eq!(out.as_bytes(), &pod[..]);
+    let (out, _) = run_inject(&pod, &["--namespace-opted-in"], &[]);
+    assert!(out.contains("wsdrain.io/status: injected"), "{out}");
+}
+
+#[test]
+fn cli_fails_on_bad_annotation_naming_the_object() {
+    let pod = std::fs::read(fixtures().join("bad-annotation.in.yaml")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wsdrain"))
+        .args(["inject", "-f"])
+        .arg(fixtures().join("bad-annotation.in.yaml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Pod/bad") && err.contains("wsdrain.io/drain-timeout"),
+        "{err}"
+    );
+    assert!(!pod.is_empty());
+}
+
+#[test]
+fn sidecar_yaml_is_what_inject_produces() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shipped = std::fs::read_to_string(root.join("sidecar.yaml")).unwrap();
+    let token = shipped
+        .lines()
+        .skip_while(|l| !l.contains("X-Wsdrain-Token"))
+        .find_map(|l| l.trim().strip_prefix("value: "))
+        .expect("a token in sidecar.yaml")
+        .to_string();
+    let source = std::fs::read(fixtures().join("sidecar-source.yaml")).unwrap();
+    let (out, _) = run_inject(&source, &[], &[("WSDRAIN_INJECT_TOKEN", &token)]);
+    let body = shipped.split_once("\n---\n").expect("header, then ---").1;
+    assert_eq!(body, out, "regenerate sidecar.yaml (see its header)");
+}
