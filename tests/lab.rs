@@ -88,6 +88,44 @@ fn procs_with(needle: &str) -> Vec<String> {
 
 const LIMIT: Duration = Duration::from_secs(60);
 
+/// One pool change of a run: connections open at it, reset by it, kept through it.
+#[derive(Debug)]
+struct Change {
+    open: u64,
+    reset: u64,
+    kept: u64,
+}
+
+fn changes(v: &Value) -> Vec<Change> {
+    v["pool_changes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("pool_changes missing in {v}"))
+        .iter()
+        .map(|c| Change {
+            open: n(c, "open"),
+            reset: n(c, "reset"),
+            kept: n(c, "kept"),
+        })
+        .collect()
+}
+
+/// seed's pool changes: 3 pods in, 3 more in (20 clients open), 3 out one by one.
+const SEED_CHANGES: usize = 5;
+const SCALE_UP: usize = 1;
+
+/// A keep ingress (or a stable tier) resets no one on a pool change; the 20 clients of
+/// the first three pods live through the scale-up.
+fn assert_changes_keep_connections(s: &Value) {
+    let ch = changes(s);
+    assert_eq!(ch.len(), SEED_CHANGES, "{ch:?}");
+    assert!(
+        ch.iter().all(|c| c.reset == 0),
+        "a pool change reset: {ch:?}"
+    );
+    assert_eq!(ch[SCALE_UP].open, 20, "{ch:?}");
+    assert_eq!(ch[SCALE_UP].kept, 20, "{ch:?}");
+}
+
 #[test]
 fn seed_keep_ingress_agent_closes_cleanly_where_no_agent_resets() {
     let with = lab(&["seed", "--agent", "on", "--ingress", "keep"], LIMIT);
@@ -103,6 +141,7 @@ fn seed_keep_ingress_agent_closes_cleanly_where_no_agent_resets() {
     assert_eq!(n(&with, "abnormal_closes"), 0, "{with}");
     assert_eq!(n(&with, "messages_lost"), 0, "{with}");
     assert_eq!(n(&with, "clients"), 40);
+    assert_changes_keep_connections(&with);
     for pod in with["pods"].as_array().expect("pods") {
         assert_eq!(pod["drain_outcome"], "Drained", "{pod}");
         assert!(pod["killed"].as_array().is_some_and(Vec::is_empty), "{pod}");
@@ -117,16 +156,31 @@ fn seed_keep_ingress_agent_closes_cleanly_where_no_agent_resets() {
     );
     assert!(n(&without, "abnormal_closes") > n(&with, "abnormal_closes"));
     assert_eq!(n(&without, "clean_closes_with_hint"), 0);
+    assert_changes_keep_connections(&without);
 }
 
 #[test]
 fn reset_all_gateway_resets_everyone_and_a_stable_tier_fixes_it() {
     for agent in ["on", "off"] {
         let s = lab(&["seed", "--agent", agent, "--ingress", "reset-all"], LIMIT);
-        assert_eq!(
-            n(&s, "clients_with_abnormal_close"),
-            n(&s, "clients"),
-            "agent {agent}: every client must see a reset: {s}"
+        let ch = changes(&s);
+        assert_eq!(ch.len(), SEED_CHANGES, "{s}");
+        // Every connection open at any pool change is gone right after it; without the
+        // agent (no close frames at all) every one of them by a reset. With the agent a
+        // close frame may beat the reset by a few ms: that connection is neither.
+        for c in &ch {
+            assert_eq!(c.kept, 0, "agent {agent}: survived a pool change: {ch:?}");
+            if agent == "off" {
+                assert_eq!(c.reset, c.open, "agent off: {ch:?}");
+            }
+        }
+        // The scale-up alone resets the first 20 clients, agent or not.
+        assert_eq!(ch[SCALE_UP].open, 20, "{ch:?}");
+        assert_eq!(ch[SCALE_UP].reset, 20, "{ch:?}");
+        // ... and the scale-down resets clients again.
+        assert!(
+            ch[SCALE_UP + 1..].iter().map(|c| c.reset).sum::<u64>() > 0,
+            "{ch:?}"
         );
     }
     let tiered = lab(&["seed", "--agent", "on", "--ingress", "tiered"], LIMIT);
@@ -138,7 +192,13 @@ fn reset_all_gateway_resets_everyone_and_a_stable_tier_fixes_it() {
         removed,
         "{tiered}"
     );
+    assert_eq!(
+        n(&tiered, "removed.reconnected_to_survivor"),
+        removed,
+        "{tiered}"
+    );
     assert_eq!(n(&tiered, "messages_lost"), 0, "{tiered}");
+    assert_changes_keep_connections(&tiered);
 }
 
 #[test]

@@ -200,7 +200,10 @@ impl Client {
                 }
                 Some(end) => {
                     attempt = 0;
-                    rec.ended_ms = self.ms();
+                    // Sessions note the moment the close frame arrived; the rest end now.
+                    if rec.ended_ms == 0 {
+                        rec.ended_ms = self.ms();
+                    }
                     down_since = Some(Instant::now());
                     let hint = rec.hint_ms;
                     records.push(rec);
@@ -257,6 +260,7 @@ impl Client {
                         }
                     }
                     Some(Ok(Message::Close(frame))) => {
+                        rec.ended_ms = self.ms();
                         if let Some(f) = frame {
                             rec.code = Some(u16::from(f.code));
                             rec.reason = f.reason.to_string();

@@ -117,7 +117,10 @@ pub struct Ingress {
     _proc: Child,
     /// Slots handed out so far (never reused within a run).
     used: Mutex<usize>,
-    pub pool_changes: std::sync::atomic::AtomicU32,
+    /// The run's clock (the clients' too), for `changes`.
+    epoch: Instant,
+    /// When each pool change took effect, in ms from `epoch` (before any reset it causes).
+    changes: std::sync::Mutex<Vec<u64>>,
 }
 
 impl Ingress {
@@ -127,6 +130,7 @@ impl Ingress {
         layout: Layout,
         dir: &Path,
         run_id: &str,
+        epoch: Instant,
     ) -> Result<Ingress, LabError> {
         let cfg_path = dir.join("haproxy.cfg");
         std::fs::write(&cfg_path, config(mode, health, &layout))
@@ -140,7 +144,8 @@ impl Ingress {
             socket: layout.socket,
             _proc: proc,
             used: Mutex::new(0),
-            pool_changes: Default::default(),
+            epoch,
+            changes: Default::default(),
         };
         let end = Instant::now() + Duration::from_secs(5);
         loop {
@@ -235,9 +240,15 @@ impl Ingress {
         self.pool_changed().await
     }
 
+    /// Times of the pool changes so far (ms from the run's epoch).
+    pub fn change_times(&self) -> Vec<u64> {
+        self.changes.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
     async fn pool_changed(&self) -> Result<(), LabError> {
-        self.pool_changes
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut c) = self.changes.lock() {
+            c.push(self.epoch.elapsed().as_millis() as u64);
+        }
         if self.mode != Mode::ResetAll {
             return Ok(());
         }

@@ -114,6 +114,9 @@ pub struct LabArgs {
     /// Keep the run's temp dir (HAProxy config, logs) for inspection.
     #[arg(long)]
     pub keep_dir: bool,
+    /// Write every connection's record (one JSON object per line) to this file.
+    #[arg(long)]
+    pub records: Option<PathBuf>,
     /// No progress lines on stderr.
     #[arg(long)]
     pub quiet: bool,
@@ -163,6 +166,7 @@ impl LabArgs {
             close_window: self.close_window,
             run_id: procs::new_run_id(),
             keep_dir: self.keep_dir,
+            records: self.records.clone(),
             progress: !self.quiet,
         }
     }

@@ -19,6 +19,23 @@ pub struct Removed {
     pub reconnected_to_survivor: usize,
 }
 
+/// Time after a pool change within which a reset counts as caused by it; a connection
+/// still open after it was kept. HAProxy resets a session within milliseconds.
+pub const RESET_WINDOW_MS: u64 = 500;
+
+/// The connections open at one pool change and what became of them.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct PoolChange {
+    /// When the change took effect (ms from the run's start).
+    pub at_ms: u64,
+    /// Connections open at that moment.
+    pub open: usize,
+    /// Of those, ended without a close frame within `RESET_WINDOW_MS`.
+    pub reset: usize,
+    /// Of those, still open `RESET_WINDOW_MS` later.
+    pub kept: usize,
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
     pub scenario: String,
@@ -43,7 +60,8 @@ pub struct Summary {
     /// Clients of removed pods divided by the agent's close window.
     pub planned_close_rate_per_s: Option<f64>,
     pub removed: Removed,
-    pub pool_changes: u32,
+    /// What each change of the ingress's pod pool did to the connections open then.
+    pub pool_changes: Vec<PoolChange>,
     pub pods: Vec<PodReport>,
     pub run_id: String,
     pub duration_ms: u64,
@@ -132,6 +150,31 @@ pub fn summarize(s: &mut Summary, records: &[ConnRecord], removed_slots: &BTreeS
         }
     }
     s.removed = removed;
+}
+
+/// For each pool change time, the connections open then and what became of them
+/// (`open - reset - kept` ended otherwise: a close frame that happened to come first).
+pub fn pool_changes(records: &[ConnRecord], times: &[u64]) -> Vec<PoolChange> {
+    times
+        .iter()
+        .map(|&at| {
+            let open: Vec<&ConnRecord> = records
+                .iter()
+                // Whole ms: a reset often lands in the change's own millisecond.
+                .filter(|r| r.opened_ms < at && r.ended_ms >= at)
+                .collect();
+            let within = at + RESET_WINDOW_MS;
+            PoolChange {
+                at_ms: at,
+                open: open.len(),
+                reset: open
+                    .iter()
+                    .filter(|r| r.abnormal() && r.ended_ms <= within)
+                    .count(),
+                kept: open.iter().filter(|r| r.ended_ms > within).count(),
+            }
+        })
+        .collect()
 }
 
 fn opt(v: Option<u64>) -> String {
@@ -238,6 +281,35 @@ mod tests {
         );
         assert_eq!(s.reconnect_p50_ms, Some(200));
         assert_eq!(s.peak_reconnects_per_s, 2);
+    }
+
+    #[test]
+    fn pool_changes_sort_open_connections_into_reset_and_kept() {
+        let span = |opened, ended, code| ConnRecord {
+            opened_ms: opened,
+            ended_ms: ended,
+            code,
+            ..Default::default()
+        };
+        let records = [
+            span(0, 1_005, None),         // reset by the change at 1000
+            span(0, 5_000, None),         // kept, reset much later by something else
+            span(100, 1_200, Some(1012)), // a close frame raced the change
+            span(999, 3_000, Some(1000)), // kept
+            span(1_000, 3_000, None),     // opened in the change's millisecond: after it
+            span(0, 1_000, None),         // reset in the change's millisecond
+            span(0, 999, None),           // gone before the change
+        ];
+        assert_eq!(
+            pool_changes(&records, &[1_000]),
+            vec![PoolChange {
+                at_ms: 1_000,
+                open: 5,
+                reset: 2,
+                kept: 2
+            }]
+        );
+        assert_eq!(pool_changes(&records, &[]), vec![]);
     }
 
     #[test]

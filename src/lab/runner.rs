@@ -11,7 +11,7 @@ use super::ingress::{self, Health, Ingress, Mode};
 use super::pod::{Pod, PodReport, PodTemplate};
 use super::procs::RunDir;
 use super::pyclient::{PyClients, PyConfig};
-use super::report::{Summary, summarize};
+use super::report::{Summary, pool_changes, summarize};
 use super::scenario::{Scenario, Step};
 
 #[derive(Debug, Clone)]
@@ -25,6 +25,8 @@ pub struct RunConfig {
     pub close_window: Duration,
     pub run_id: String,
     pub keep_dir: bool,
+    /// Where to write the connection records (JSON lines).
+    pub records: Option<std::path::PathBuf>,
     pub progress: bool,
 }
 
@@ -76,7 +78,7 @@ pub async fn run(cfg: &RunConfig) -> Result<Summary, LabError> {
     } else {
         Health::Tcp
     };
-    let ingress = Ingress::start(cfg.mode, health, layout, &dir.path, &cfg.run_id).await?;
+    let ingress = Ingress::start(cfg.mode, health, layout, &dir.path, &cfg.run_id, epoch).await?;
     let mut run = Run {
         cfg,
         epoch,
@@ -95,6 +97,9 @@ pub async fn run(cfg: &RunConfig) -> Result<Summary, LabError> {
     let result = run.steps().await;
     let records = run.finish().await;
     result?;
+    if let Some(path) = &cfg.records {
+        write_records(path, &records)?;
+    }
     let mut s = Summary {
         scenario: cfg.scenario.name.clone(),
         agent: cfg.template.agent_flags.is_some(),
@@ -106,14 +111,11 @@ pub async fn run(cfg: &RunConfig) -> Result<Summary, LabError> {
         }
         .into(),
         run_id: cfg.run_id.clone(),
-        pool_changes: run
-            .ingress
-            .pool_changes
-            .load(std::sync::atomic::Ordering::Relaxed),
         pods: std::mem::take(&mut run.reports),
         ..Default::default()
     };
     summarize(&mut s, &records, &run.removed);
+    s.pool_changes = pool_changes(&records, &run.ingress.change_times());
     if s.agent && !cfg.close_window.is_zero() {
         s.planned_close_rate_per_s =
             Some(s.removed.connections as f64 / cfg.close_window.as_secs_f64());
@@ -290,4 +292,15 @@ impl Run<'_> {
         }
         records
     }
+}
+
+fn write_records(path: &std::path::Path, records: &[ConnRecord]) -> Result<(), LabError> {
+    let mut out = String::new();
+    for r in records {
+        let line = serde_json::to_string(r)
+            .map_err(|e| LabError::io("encode record", std::io::Error::other(e)))?;
+        out.push_str(&line);
+        out.push('\n');
+    }
+    std::fs::write(path, out).map_err(|e| LabError::io("write --records", e))
 }
