@@ -99,6 +99,9 @@ pub struct LabArgs {
     /// Agent --close-window.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub close_window: Duration,
+    /// Agent --close-tick.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    pub close_tick: Duration,
     /// Agent --reconnect-after.
     #[arg(long, default_value = "0ms..2s")]
     pub reconnect_after: String,
@@ -131,6 +134,7 @@ impl LabArgs {
                 ("--settle-quiet", format_duration(self.settle_quiet)),
                 ("--settle-max", "3s".to_owned()),
                 ("--close-window", format_duration(self.close_window)),
+                ("--close-tick", format_duration(self.close_tick)),
                 ("--reconnect-after", self.reconnect_after.clone()),
                 ("--log-format", "json".to_owned()),
             ] {
@@ -164,6 +168,7 @@ impl LabArgs {
             python,
             interval: self.interval,
             close_window: self.close_window,
+            close_tick: self.close_tick,
             run_id: procs::new_run_id(),
             keep_dir: self.keep_dir,
             records: self.records.clone(),

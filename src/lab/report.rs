@@ -2,6 +2,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use std::time::Duration;
+
 use serde::Serialize;
 
 use super::client::ConnRecord;
@@ -57,7 +59,7 @@ pub struct Summary {
     pub reconnect_p99_ms: Option<u64>,
     /// Most reconnects that completed within any 1 s window (they all land on survivors).
     pub peak_reconnects_per_s: usize,
-    /// Clients of removed pods divided by the agent's close window.
+    /// The most closes the agents' plan puts into any one second (see `planned_peak`).
     pub planned_close_rate_per_s: Option<f64>,
     pub removed: Removed,
     /// What each change of the ingress's pod pool did to the connections open then.
@@ -177,6 +179,37 @@ pub fn pool_changes(records: &[ConnRecord], times: &[u64]) -> Vec<PoolChange> {
         .collect()
 }
 
+/// Server-ended connections of each removed pod (what each agent had to close).
+pub fn removed_per_pod(records: &[ConnRecord], removed_slots: &BTreeSet<String>) -> Vec<usize> {
+    let mut per: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in records {
+        if let Some(p) = &r.pod
+            && removed_slots.contains(p)
+            && !r.by_client
+        {
+            *per.entry(p.as_str()).or_default() += 1;
+        }
+    }
+    per.into_values().collect()
+}
+
+/// The most closes per second the agents plan when each of the (concurrently drained)
+/// pods closes `n` sessions in equal batches, one per `tick`, over `window` (the
+/// agent's pacing rule): `batch = ceil(n / ceil(window / tick))`, and one pod closes
+/// `min(n, batch * ticks per second)` in any second.
+pub fn planned_peak(per_pod: &[usize], window: Duration, tick: Duration) -> f64 {
+    let tick_ns = tick.as_nanos().max(1);
+    let ticks = window.as_nanos().div_ceil(tick_ns).max(1);
+    let per_second = (1_000_000_000 / tick_ns).max(1);
+    per_pod
+        .iter()
+        .map(|&n| {
+            let n = n as u128;
+            n.min(n.div_ceil(ticks) * per_second) as f64
+        })
+        .sum()
+}
+
 fn opt(v: Option<u64>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
@@ -184,9 +217,10 @@ fn opt(v: Option<u64>) -> String {
 /// The demo table: one row per run.
 pub fn table(rows: &[(String, Summary)]) -> String {
     let mut out = format!(
-        "| {:<34} | {:>7} | {:>15} | {:>16} | {:>13} | {:>13} | {:>16} | {:>13} |\n",
+        "| {:<34} | {:>7} | {:>13} | {:>15} | {:>16} | {:>13} | {:>13} | {:>16} | {:>13} |\n",
         "setup",
         "clients",
+        "clients reset",
         "abnormal (1006)",
         "clean with hint",
         "reconnect p50",
@@ -195,9 +229,10 @@ pub fn table(rows: &[(String, Summary)]) -> String {
         "messages lost"
     );
     out.push_str(&format!(
-        "|{}|{}:|{}:|{}:|{}:|{}:|{}:|{}:|\n",
+        "|{}|{}:|{}:|{}:|{}:|{}:|{}:|{}:|{}:|\n",
         "-".repeat(36),
         "-".repeat(8),
+        "-".repeat(14),
         "-".repeat(16),
         "-".repeat(17),
         "-".repeat(14),
@@ -207,9 +242,10 @@ pub fn table(rows: &[(String, Summary)]) -> String {
     ));
     for (label, s) in rows {
         out.push_str(&format!(
-            "| {:<34} | {:>7} | {:>15} | {:>16} | {:>10} ms | {:>10} ms | {:>16} | {:>13} |\n",
+            "| {:<34} | {:>7} | {:>13} | {:>15} | {:>16} | {:>10} ms | {:>10} ms | {:>16} | {:>13} |\n",
             label,
             s.clients,
+            s.clients_with_abnormal_close,
             s.abnormal_closes,
             s.clean_closes_with_hint,
             opt(s.reconnect_p50_ms),
@@ -310,6 +346,20 @@ mod tests {
             }]
         );
         assert_eq!(pool_changes(&records, &[]), vec![]);
+    }
+
+    #[test]
+    fn planned_peak_follows_the_agents_batches() {
+        let ms = Duration::from_millis;
+        // 40 over 2 s in 100 ms ticks: 2 per tick, 20 per second.
+        assert_eq!(planned_peak(&[40], ms(2000), ms(100)), 20.0);
+        // A window of one tick closes everything at once.
+        assert_eq!(planned_peak(&[40], ms(100), ms(100)), 40.0);
+        // Few sessions: one per tick, all within the first second; pods add up.
+        assert_eq!(planned_peak(&[3, 3, 3], ms(2000), ms(100)), 9.0);
+        // 100 over 5 s: 2 per tick.
+        assert_eq!(planned_peak(&[100], ms(5000), ms(100)), 20.0);
+        assert_eq!(planned_peak(&[], ms(2000), ms(100)), 0.0);
     }
 
     #[test]

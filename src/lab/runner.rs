@@ -11,7 +11,7 @@ use super::ingress::{self, Health, Ingress, Mode};
 use super::pod::{Pod, PodReport, PodTemplate};
 use super::procs::RunDir;
 use super::pyclient::{PyClients, PyConfig};
-use super::report::{Summary, pool_changes, summarize};
+use super::report::{Summary, planned_peak, pool_changes, removed_per_pod, summarize};
 use super::scenario::{Scenario, Step};
 
 #[derive(Debug, Clone)]
@@ -23,6 +23,7 @@ pub struct RunConfig {
     pub python: Option<PyConfig>,
     pub interval: Duration,
     pub close_window: Duration,
+    pub close_tick: Duration,
     pub run_id: String,
     pub keep_dir: bool,
     /// Where to write the connection records (JSON lines).
@@ -116,9 +117,12 @@ pub async fn run(cfg: &RunConfig) -> Result<Summary, LabError> {
     };
     summarize(&mut s, &records, &run.removed);
     s.pool_changes = pool_changes(&records, &run.ingress.change_times());
-    if s.agent && !cfg.close_window.is_zero() {
-        s.planned_close_rate_per_s =
-            Some(s.removed.connections as f64 / cfg.close_window.as_secs_f64());
+    if s.agent {
+        s.planned_close_rate_per_s = Some(planned_peak(
+            &removed_per_pod(&records, &run.removed),
+            cfg.close_window,
+            cfg.close_tick,
+        ));
     }
     s.duration_ms = epoch.elapsed().as_millis() as u64;
     Ok(s)
