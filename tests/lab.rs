@@ -31,7 +31,12 @@ fn lab(args: &[&str], limit: Duration) -> Value {
     let status = status.unwrap_or_else(|| panic!("lab {args:?} did not finish in {limit:?}"));
     assert!(status.success(), "lab {args:?} failed: {status}\n{err}");
     let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
-    assert_no_leftovers(v["run_id"].as_str().expect("run_id"));
+    let run_id = v["run_id"].as_str().expect("run_id");
+    assert_no_leftovers(run_id);
+    assert!(
+        !std::env::temp_dir().join(run_id).exists(),
+        "temp dir of {run_id} left"
+    );
     v
 }
 
@@ -233,6 +238,31 @@ fn paced_closes_keep_reconnects_near_the_planned_rate() {
         "closing all at once ({burst_peak}/s) should exceed the paced plan ({planned}/s)"
     );
     assert_eq!(n(&paced, "abnormal_closes"), 0, "{paced}");
+}
+
+#[test]
+fn rolling_update_with_a_classic_sidecar_drains_every_pod() {
+    let s = lab(&["rolling", "--sidecar", "classic"], LIMIT);
+    let removed = n(&s, "removed.connections");
+    assert!(removed >= 20, "every client was on a replaced pod: {s}");
+    assert_eq!(n(&s, "abnormal_closes"), 0, "{s}");
+    assert_eq!(n(&s, "removed.clean_1012_with_hint"), removed, "{s}");
+    assert_eq!(n(&s, "messages_lost"), 0, "{s}");
+    let pods = s["pods"].as_array().expect("pods");
+    assert_eq!(pods.len(), 3, "{s}");
+    for pod in pods {
+        assert_eq!(pod["drain_outcome"], "Drained", "{pod}");
+        // Classic: the agent's SIGTERM comes at t0, the app's after its hook; the agent
+        // (draining on SIGTERM too) outlives the app.
+        let term = pod["term_ms"].as_array().expect("term_ms");
+        assert_eq!(term[0][0], "agent", "{pod}");
+        assert_eq!(term[0][1], 0, "{pod}");
+        assert_eq!(term[1][0], "app", "{pod}");
+        assert!(term[1][1].as_u64() >= pod["hook_ms"].as_u64(), "{pod}");
+        let exit = pod["exit_ms"].as_array().expect("exit_ms");
+        assert_eq!(exit.last().map(|e| &e[0]), Some(&"agent".into()), "{pod}");
+        assert!(pod["killed"].as_array().is_some_and(Vec::is_empty), "{pod}");
+    }
 }
 
 #[test]
