@@ -19,16 +19,23 @@ fn lab(args: &[&str], limit: Duration) -> Value {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut p = common::Proc::spawn("lab", &mut cmd);
+    // Drain both pipes while the lab runs, so a chatty run cannot block on a full pipe.
+    let read_all = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_string(&mut s);
+            }
+            s
+        })
+    };
+    let out = read_all(p.child.stdout.take().map(|o| Box::new(o) as _));
+    let err = read_all(p.child.stderr.take().map(|e| Box::new(e) as _));
     let status = p.wait_timeout(limit);
-    let mut out = String::new();
-    let mut err = String::new();
-    if let Some(o) = p.child.stdout.as_mut() {
-        let _ = o.read_to_string(&mut out);
-    }
-    if let Some(e) = p.child.stderr.as_mut() {
-        let _ = e.read_to_string(&mut err);
-    }
+    // Killed on timeout by Proc's Drop; the pipes then close and the readers end.
     let status = status.unwrap_or_else(|| panic!("lab {args:?} did not finish in {limit:?}"));
+    let out = out.join().unwrap_or_default();
+    let err = err.join().unwrap_or_default();
     assert!(status.success(), "lab {args:?} failed: {status}\n{err}");
     let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
     let run_id = v["run_id"].as_str().expect("run_id");
@@ -313,18 +320,27 @@ fn interrupted_lab_leaves_nothing_behind() {
         .stderr(Stdio::piped());
     let mut p = common::Proc::spawn("lab", &mut cmd);
     let stderr = p.child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let first = lines.next().expect("a line").expect("read");
+    // Lines arrive through a channel so every wait below is bounded in time.
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let end = Instant::now() + Duration::from_secs(20);
+    let next_line = || {
+        let left = end.saturating_duration_since(Instant::now());
+        lines
+            .recv_timeout(left)
+            .expect("the lab stopped talking before scaling up")
+    };
+    let first = next_line();
     let run_id = first.split_whitespace().last().expect("run id").to_owned();
     assert!(run_id.starts_with("wsdrain-lab-"), "{first}");
     // Interrupt once pods, HAProxy and clients are all up.
-    let end = Instant::now() + Duration::from_secs(20);
-    for line in lines.by_ref() {
-        if line.expect("read").contains("scaled up: 6 pods") {
-            break;
-        }
-        assert!(Instant::now() < end, "the lab did not scale up");
-    }
+    while !next_line().contains("scaled up: 6 pods") {}
     assert!(!procs_with(&run_id).is_empty(), "nothing found to clean up");
     common::signal(p.pid(), nix::sys::signal::Signal::SIGINT);
     let status = p.wait_timeout(Duration::from_secs(10)).expect("lab exits");
