@@ -1,13 +1,249 @@
-//! The local lab: pods on 127.0.0.N, a real HAProxy ingress, clients (stub: helper fills in).
+//! The local lab (`wsdrain lab`): pods on 127.0.0.N-style loopback addresses, a real
+//! HAProxy ingress, a kubelet-faithful termination driver and WebSocket clients, to
+//! show on one machine what happens to clients when pods go away. See docs/lab.md.
 
+pub mod client;
+pub mod ingress;
+pub mod kubelet;
+pub mod pod;
+pub mod procs;
+pub mod pyclient;
+pub mod report;
+pub mod runner;
+pub mod scenario;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::config::{format_duration, parse_duration};
+use ingress::Mode;
+use pod::{PodTemplate, Sidecar};
+use runner::RunConfig;
+use scenario::Scenario;
+
+#[derive(Debug, Error)]
+pub enum LabError {
+    #[error("{0}: {1}")]
+    Io(&'static str, std::io::Error),
+    #[error("cannot start {0}: {1}")]
+    Spawn(String, std::io::Error),
+    #[error("ingress: {0}")]
+    Ingress(String),
+    #[error("pod: {0}")]
+    Pod(String),
+    #[error("clients: {0}")]
+    Clients(String),
+    #[error("scenario: {0}")]
+    Scenario(String),
+}
+
+impl LabError {
+    pub fn io(what: &'static str, e: std::io::Error) -> LabError {
+        LabError::Io(what, e)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientKind {
+    Rust,
+    Python,
+}
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LabArgs {
-    /// Scenario name: seed, rolling, deadline.
+    /// seed, rolling, deadline, pacing, a scenario YAML file, or `demo` (the table).
     pub scenario: String,
+    /// Run the wsdrain agent in each pod (with a preStop hook on the app).
+    #[arg(long, default_value = "on")]
+    pub agent: OnOff,
+    /// keep: changes keep connections; reset-all: every change resets every session;
+    /// tiered: a reset-all gateway in front of a stable keep tier.
+    #[arg(long, default_value = "keep")]
+    pub ingress: Mode,
+    /// Your app instead of the reference app; {ip}, {port}, {admin_port} are filled in
+    /// per pod. It must implement admin API v1.
+    #[arg(long)]
+    pub app: Option<String>,
+    /// Replace the client count of every `clients` step.
+    #[arg(long)]
+    pub clients: Option<usize>,
+    /// Print one JSON summary object on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Which client drives the load.
+    #[arg(long, default_value = "rust")]
+    pub client: ClientKind,
+    /// Python interpreter for `--client python` [default: .venv/bin/python or python3].
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+    #[arg(long, default_value = "tests/clients/lab_client.py")]
+    pub python_client: PathBuf,
+    /// Native sidecar (SIGTERM after the app exited) or classic (SIGTERM at t0).
+    #[arg(long, default_value = "native")]
+    pub sidecar: Sidecar,
+    /// The pods' terminationGracePeriodSeconds.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub grace: Duration,
+    /// Delay between deletion and the endpoint leaving the ingress.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub propagation: Duration,
+    /// Agent --close-window.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub close_window: Duration,
+    /// Agent --close-tick.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    pub close_tick: Duration,
+    /// Agent --reconnect-after.
+    #[arg(long, default_value = "0ms..2s")]
+    pub reconnect_after: String,
+    /// Agent --settle-min.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    pub settle_min: Duration,
+    /// Agent --settle-quiet.
+    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+    pub settle_quiet: Duration,
+    /// Time between two messages of one client.
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// Keep the run's temp dir (HAProxy config, logs) for inspection.
+    #[arg(long)]
+    pub keep_dir: bool,
+    /// Write every connection's record (one JSON object per line) to this file.
+    #[arg(long)]
+    pub records: Option<PathBuf>,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl LabArgs {
+    fn config(&self, scenario: Scenario, agent: OnOff, mode: Mode) -> RunConfig {
+        let agent_flags = (agent == OnOff::On).then(|| {
+            let mut f: Vec<String> = Vec::new();
+            for (k, v) in [
+                ("--settle-min", format_duration(self.settle_min)),
+                ("--settle-quiet", format_duration(self.settle_quiet)),
+                ("--settle-max", "3s".to_owned()),
+                ("--close-window", format_duration(self.close_window)),
+                ("--close-tick", format_duration(self.close_tick)),
+                ("--reconnect-after", self.reconnect_after.clone()),
+                ("--log-format", "json".to_owned()),
+            ] {
+                f.push(k.to_owned());
+                f.push(v);
+            }
+            f
+        });
+        let python = (self.client == ClientKind::Python).then(|| pyclient::PyConfig {
+            python: self.python.clone().unwrap_or_else(|| {
+                let venv = PathBuf::from(".venv/bin/python");
+                if venv.exists() {
+                    venv
+                } else {
+                    PathBuf::from("python3")
+                }
+            }),
+            script: self.python_client.clone(),
+        });
+        RunConfig {
+            scenario,
+            mode,
+            template: PodTemplate {
+                wsdrain: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("wsdrain")),
+                app_cmd: self.app.clone(),
+                agent_flags,
+                sidecar: self.sidecar,
+                grace: self.grace,
+                propagation: self.propagation,
+            },
+            python,
+            interval: self.interval,
+            close_window: self.close_window,
+            close_tick: self.close_tick,
+            run_id: procs::new_run_id(),
+            keep_dir: self.keep_dir,
+            records: self.records.clone(),
+            progress: !self.quiet,
+        }
+    }
 }
 
 pub async fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("lab not built yet: {args:?}")
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // On Ctrl-C or SIGTERM the run's future is dropped: every child's process group is
+    // SIGKILLed and the temp dir removed by their Drop.
+    tokio::select! {
+        r = run_inner(&args) => r,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("wsdrain lab: interrupted, everything started was stopped");
+            Ok(ExitCode::from(130))
+        }
+        _ = term.recv() => {
+            eprintln!("wsdrain lab: terminated, everything started was stopped");
+            Ok(ExitCode::from(143))
+        }
+    }
+}
+
+async fn run_inner(args: &LabArgs) -> anyhow::Result<ExitCode> {
+    if args.scenario == "demo" {
+        return demo(args).await;
+    }
+    let mut scenario = Scenario::load(&args.scenario)?;
+    if let Some(n) = args.clients {
+        scenario = scenario.with_clients(n);
+    }
+    let cfg = args.config(scenario, args.agent, args.ingress);
+    if !args.quiet {
+        eprintln!(
+            "wsdrain lab {}: agent {:?}, ingress {:?}, run id {}",
+            cfg.scenario.name, args.agent, args.ingress, cfg.run_id
+        );
+    }
+    let s = runner::run(&cfg).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else {
+        println!("{}", report::table(&[(cfg.scenario.name.clone(), s)]));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `make demo`: the user's story with and without the agent, behind each ingress.
+async fn demo(args: &LabArgs) -> anyhow::Result<ExitCode> {
+    let runs = [
+        ("keep ingress, no agent", OnOff::Off, Mode::Keep),
+        ("keep ingress, wsdrain", OnOff::On, Mode::Keep),
+        ("reset-all gateway, no agent", OnOff::Off, Mode::ResetAll),
+        ("reset-all gateway, wsdrain", OnOff::On, Mode::ResetAll),
+        ("reset-all + stable tier, wsdrain", OnOff::On, Mode::Tiered),
+    ];
+    let mut rows = Vec::new();
+    let mut summaries = Vec::new();
+    for (i, (label, agent, mode)) in runs.iter().enumerate() {
+        let mut scenario = Scenario::load("seed")?;
+        if let Some(n) = args.clients {
+            scenario = scenario.with_clients(n);
+        }
+        let cfg = args.config(scenario, *agent, *mode);
+        eprintln!("[{}/{}] seed: {label}", i + 1, runs.len());
+        let s = runner::run(&cfg).await?;
+        summaries.push(s.clone());
+        rows.push((label.to_string(), s));
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&summaries)?);
+    } else {
+        println!("\n{}", report::table(&rows));
+    }
+    Ok(ExitCode::SUCCESS)
 }

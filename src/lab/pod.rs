@@ -1,0 +1,381 @@
+//! A lab pod: the app and (optionally) the agent sharing one loopback address, as
+//! containers share a pod's network namespace; and its kubelet-faithful termination.
+
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::LabError;
+use super::ingress::{Endpoint, Ingress};
+use super::kubelet::{Action, ContainerSpec, Event, Kind, PodSpec, Termination};
+use super::procs::Child;
+
+/// How the agent runs next to the app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sidecar {
+    Native,
+    Classic,
+}
+
+/// Everything needed to start pods of one run.
+#[derive(Debug, Clone)]
+pub struct PodTemplate {
+    pub wsdrain: PathBuf,
+    /// `None`: the reference app. Else a shell command with {ip}, {port}, {admin_port}.
+    pub app_cmd: Option<String>,
+    /// Agent flags beyond the addresses (timings); `None`: no agent in the pod.
+    pub agent_flags: Option<Vec<String>>,
+    pub sidecar: Sidecar,
+    pub grace: Duration,
+    pub propagation: Duration,
+}
+
+pub struct Pod {
+    pub name: String,
+    pub ip: IpAddr,
+    pub app_port: u16,
+    pub admin_port: u16,
+    pub agent_port: Option<u16>,
+    pub slot: Option<String>,
+    app: Child,
+    agent: Option<Child>,
+}
+
+/// What happened to one pod during its termination (times in ms from its t0).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PodReport {
+    pub pod: String,
+    pub slot: Option<String>,
+    pub hook_ms: Option<u64>,
+    pub hook_status: Option<u16>,
+    /// The agent's drain outcome from the hook's answer.
+    pub drain_outcome: Option<String>,
+    pub endpoint_removed_ms: Option<u64>,
+    pub term_ms: Vec<(String, u64)>,
+    pub exit_ms: Vec<(String, u64)>,
+    pub killed: Vec<String>,
+    pub total_ms: u64,
+}
+
+fn free_port(ip: IpAddr) -> Result<u16, LabError> {
+    let l = TcpListener::bind(SocketAddr::new(ip, 0)).map_err(|e| LabError::io("bind", e))?;
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(|e| LabError::io("local addr", e))
+}
+
+/// Fills `{ip}`, `{port}` and `{admin_port}` of a user's app command.
+pub fn fill_app_cmd(cmd: &str, ip: IpAddr, port: u16, admin_port: u16) -> String {
+    cmd.replace("{ip}", &ip.to_string())
+        .replace("{port}", &port.to_string())
+        .replace("{admin_port}", &admin_port.to_string())
+}
+
+impl Pod {
+    pub fn start(
+        t: &PodTemplate,
+        name: &str,
+        ip: IpAddr,
+        dir: &Path,
+        run_id: &str,
+    ) -> Result<Pod, LabError> {
+        let app_port = free_port(ip)?;
+        let admin_port = free_port(ip)?;
+        let app_cmd = match &t.app_cmd {
+            None => {
+                let mut c = tokio::process::Command::new(&t.wsdrain);
+                c.args(["echo", "--listen", &format!("{ip}:{app_port}")])
+                    .args(["--admin", &format!("{ip}:{admin_port}")])
+                    .args(["--log-format", "json"]);
+                c
+            }
+            Some(cmd) => {
+                let mut c = tokio::process::Command::new("sh");
+                c.arg("-c").arg(fill_app_cmd(cmd, ip, app_port, admin_port));
+                c
+            }
+        };
+        let app = Child::spawn(
+            &format!("{name}/app"),
+            app_cmd,
+            run_id,
+            &dir.join(format!("{name}-app.log")),
+        )?;
+        let (agent, agent_port) = match &t.agent_flags {
+            None => (None, None),
+            Some(flags) => {
+                let port = free_port(ip)?;
+                let mut c = tokio::process::Command::new(&t.wsdrain);
+                c.args(["agent", "--listen", &format!("{ip}:{port}")])
+                    .args(["--ports", &app_port.to_string()])
+                    .args(["--address", &ip.to_string()])
+                    .args(["--admin-url", &format!("http://{ip}:{admin_port}")])
+                    .args(["--grace-period", &format!("{}ms", t.grace.as_millis())])
+                    .arg("--termination-log")
+                    .arg(dir.join(format!("{name}-termination.log")))
+                    .arg("--no-kube")
+                    .args(flags)
+                    .env_remove("POD_NAME")
+                    .env_remove("POD_NAMESPACE");
+                let log = dir.join(format!("{name}-agent.log"));
+                let child = Child::spawn(&format!("{name}/agent"), c, run_id, &log)?;
+                (Some(child), Some(port))
+            }
+        };
+        Ok(Pod {
+            name: name.to_owned(),
+            ip,
+            app_port,
+            admin_port,
+            agent_port,
+            slot: None,
+            app,
+            agent,
+        })
+    }
+
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            addr: SocketAddr::new(self.ip, self.app_port),
+            check_port: self.agent_port.unwrap_or(self.app_port),
+        }
+    }
+
+    /// Waits until the app listens and the agent's /readyz answers 200.
+    pub async fn wait_ready(&self, limit: Duration) -> Result<(), LabError> {
+        let end = Instant::now() + limit;
+        let app = SocketAddr::new(self.ip, self.app_port);
+        loop {
+            let app_up = tokio::net::TcpStream::connect(app).await.is_ok();
+            let agent_up = match self.agent_port {
+                None => true,
+                Some(p) => {
+                    let req = http_get(SocketAddr::new(self.ip, p), "/readyz", "wsdrain-lab");
+                    matches!(
+                        tokio::time::timeout(Duration::from_secs(1), req).await,
+                        Ok(Ok((200, _)))
+                    )
+                }
+            };
+            if app_up && agent_up {
+                return Ok(());
+            }
+            for c in std::iter::once(&self.app).chain(self.agent.iter()) {
+                if let Some(status) = c.exited() {
+                    return Err(LabError::Pod(format!(
+                        "{} exited at start: {status}",
+                        c.name
+                    )));
+                }
+            }
+            if Instant::now() > end {
+                return Err(LabError::Pod(format!(
+                    "{} not ready after {limit:?} (app up: {app_up}, agent ready: {agent_up})",
+                    self.name
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Deletes the pod the way the kubelet does (see `kubelet`), driving signals,
+    /// the preStop hook and the endpoint removal in real time.
+    pub async fn terminate(&self, t: &PodTemplate, ingress: &Ingress) -> PodReport {
+        let mut containers = vec![ContainerSpec {
+            name: "app".into(),
+            kind: Kind::Regular,
+            pre_stop: self.agent.is_some(),
+        }];
+        let mut procs = vec![&self.app];
+        if let Some(agent) = &self.agent {
+            containers.push(ContainerSpec {
+                name: "agent".into(),
+                kind: match t.sidecar {
+                    Sidecar::Native => Kind::NativeSidecar,
+                    Sidecar::Classic => Kind::Regular,
+                },
+                pre_stop: false,
+            });
+            procs.push(agent);
+        }
+        let spec = PodSpec {
+            containers: containers.clone(),
+            grace: t.grace,
+            propagation: t.propagation,
+        };
+        let mut report = PodReport {
+            pod: self.name.clone(),
+            slot: self.slot.clone(),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let ms = |t0: Instant| t0.elapsed().as_millis() as u64;
+        let (events, mut rx) = mpsc::channel::<(Event, Option<(u16, String)>)>(8);
+        for (i, p) in procs.iter().enumerate() {
+            let mut exit = p.exit_watch();
+            let tx = events.clone();
+            tokio::spawn(async move {
+                let _ = exit.wait_for(Option::is_some).await;
+                let _ = tx.send((Event::Exited(i), None)).await;
+            });
+        }
+        let (mut term, mut actions) = Termination::start(spec);
+        // Bound the loop: the kubelet would be done by grace + 2 s; allow slack.
+        let hard_end = t0 + t.grace + Duration::from_secs(10);
+        loop {
+            for a in actions.drain(..) {
+                match a {
+                    Action::RemoveEndpoint => {
+                        report.endpoint_removed_ms = Some(ms(t0));
+                        if let Some(slot) = &self.slot
+                            && let Err(e) = ingress.remove(slot).await
+                        {
+                            tracing::warn!(pod = %self.name, error = %e, "endpoint removal failed");
+                        }
+                    }
+                    Action::StartHook(i) => {
+                        let Some(port) = self.agent_port else {
+                            continue;
+                        };
+                        let addr = SocketAddr::new(self.ip, port);
+                        let tx = events.clone();
+                        // The kubelet's httpGet hook: no client timeout, status ignored.
+                        tokio::spawn(async move {
+                            let answer =
+                                http_get(addr, "/prestop", "kube-lifecycle/1.33").await.ok();
+                            let _ = tx.send((Event::HookDone(i), answer)).await;
+                        });
+                    }
+                    Action::Term(i) => {
+                        report.term_ms.push((containers[i].name.clone(), ms(t0)));
+                        procs[i].signal(Signal::SIGTERM);
+                    }
+                    Action::Kill(i) => {
+                        report.killed.push(containers[i].name.clone());
+                        procs[i].signal(Signal::SIGKILL);
+                    }
+                }
+            }
+            // The endpoint removal propagates on its own clock, even for a dead pod.
+            if term.done() && report.endpoint_removed_ms.is_some() {
+                break;
+            }
+            let now = Instant::now();
+            if now > hard_end {
+                tracing::warn!(pod = %self.name, "termination overran; killing");
+                for p in &procs {
+                    p.kill().await;
+                }
+                break;
+            }
+            let wake = term
+                .next_wakeup()
+                .map_or(hard_end, |w| (t0 + w).min(hard_end));
+            tokio::select! {
+                got = rx.recv() => {
+                    let Some((ev, answer)) = got else { break };
+                    if let Event::HookDone(_) = ev {
+                        report.hook_ms = Some(ms(t0));
+                        if let Some((status, body)) = answer {
+                            report.hook_status = Some(status);
+                            report.drain_outcome = serde_json::from_str::<serde_json::Value>(&body)
+                                .ok()
+                                .and_then(|v| v.get("outcome")?.as_str().map(str::to_owned));
+                        }
+                    }
+                    if let Event::Exited(i) = ev {
+                        report.exit_ms.push((containers[i].name.clone(), ms(t0)));
+                    }
+                    actions = term.on_event(t0.elapsed(), ev);
+                }
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    actions = term.on_time(t0.elapsed());
+                }
+            }
+        }
+        report.total_ms = ms(t0);
+        report
+    }
+
+    /// Kills what is left of the pod (end of run).
+    pub async fn kill(&self) {
+        self.app.kill().await;
+        if let Some(a) = &self.agent {
+            a.kill().await;
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET without timeout (callers add one when they want it).
+pub async fn http_get(addr: SocketAddr, path: &str, agent: &str) -> std::io::Result<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: {agent}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    // Bounded: a hook answer is small.
+    s.take(1 << 20).read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no HTTP status line"))?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        let (Some(chunk), Some(after)) = (tail.get(..n), tail.get(n..)) else {
+            break;
+        };
+        if n == 0 {
+            break;
+        }
+        out.push_str(chunk);
+        rest = after.trim_start_matches("\r\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fills_placeholders() {
+        let ip: IpAddr = "127.3.4.5".parse().unwrap();
+        assert_eq!(
+            fill_app_cmd(
+                "app --bind {ip}:{port} --admin {ip}:{admin_port}",
+                ip,
+                80,
+                81
+            ),
+            "app --bind 127.3.4.5:80 --admin 127.3.4.5:81"
+        );
+    }
+
+    #[test]
+    fn dechunks() {
+        assert_eq!(dechunk("5\r\nhello\r\n1\r\n!\r\n0\r\n\r\n"), "hello!");
+    }
+}

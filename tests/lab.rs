@@ -1,0 +1,353 @@
+//! End-to-end tests of `wsdrain lab`: real pods (reference app + agent), a real HAProxy,
+//! real clients. Each run is bounded; after each, nothing the lab started may remain.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Runs `wsdrain lab ARGS --json --quiet`, returns the summary; fails after `limit`.
+fn lab(args: &[&str], limit: Duration) -> Value {
+    let mut cmd = Command::new(common::wsdrain_bin());
+    cmd.arg("lab")
+        .args(args)
+        .args(["--json", "--quiet"])
+        .current_dir(common::repo_path(""))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut p = common::Proc::spawn("lab", &mut cmd);
+    // Drain both pipes while the lab runs, so a chatty run cannot block on a full pipe.
+    let read_all = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_string(&mut s);
+            }
+            s
+        })
+    };
+    let out = read_all(p.child.stdout.take().map(|o| Box::new(o) as _));
+    let err = read_all(p.child.stderr.take().map(|e| Box::new(e) as _));
+    let status = p.wait_timeout(limit);
+    // Killed on timeout by Proc's Drop; the pipes then close and the readers end.
+    let status = status.unwrap_or_else(|| panic!("lab {args:?} did not finish in {limit:?}"));
+    let out = out.join().unwrap_or_default();
+    let err = err.join().unwrap_or_default();
+    assert!(status.success(), "lab {args:?} failed: {status}\n{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let run_id = v["run_id"].as_str().expect("run_id");
+    assert_no_leftovers(run_id);
+    assert!(
+        !std::env::temp_dir().join(run_id).exists(),
+        "temp dir of {run_id} left"
+    );
+    v
+}
+
+fn n(v: &Value, path: &str) -> u64 {
+    let mut cur = v;
+    for k in path.split('.') {
+        cur = &cur[k];
+    }
+    cur.as_u64()
+        .unwrap_or_else(|| panic!("{path} missing in {v}"))
+}
+
+/// No process carries the run id in its environment or command line.
+fn assert_no_leftovers(run_id: &str) {
+    let end = Instant::now() + Duration::from_secs(3);
+    loop {
+        let found = procs_with(run_id);
+        if found.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "leftover processes of {run_id}: {found:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn procs_with(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        for f in ["environ", "cmdline"] {
+            if let Ok(bytes) = std::fs::read(e.path().join(f))
+                && String::from_utf8_lossy(&bytes).contains(needle)
+            {
+                let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+                found.push(format!(
+                    "{name}: {}",
+                    String::from_utf8_lossy(&cmd).replace('\0', " ")
+                ));
+                break;
+            }
+        }
+    }
+    found
+}
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// One pool change of a run: connections open at it, reset by it, kept through it.
+#[derive(Debug)]
+struct Change {
+    open: u64,
+    reset: u64,
+    kept: u64,
+}
+
+fn changes(v: &Value) -> Vec<Change> {
+    v["pool_changes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("pool_changes missing in {v}"))
+        .iter()
+        .map(|c| Change {
+            open: n(c, "open"),
+            reset: n(c, "reset"),
+            kept: n(c, "kept"),
+        })
+        .collect()
+}
+
+/// seed's pool changes: 3 pods in, 3 more in (20 clients open), 3 out one by one.
+const SEED_CHANGES: usize = 5;
+const SCALE_UP: usize = 1;
+
+/// A keep ingress (or a stable tier) resets no one on a pool change; the 20 clients of
+/// the first three pods live through the scale-up.
+fn assert_changes_keep_connections(s: &Value) {
+    let ch = changes(s);
+    assert_eq!(ch.len(), SEED_CHANGES, "{ch:?}");
+    assert!(
+        ch.iter().all(|c| c.reset == 0),
+        "a pool change reset: {ch:?}"
+    );
+    assert_eq!(ch[SCALE_UP].open, 20, "{ch:?}");
+    assert_eq!(ch[SCALE_UP].kept, 20, "{ch:?}");
+}
+
+#[test]
+fn seed_keep_ingress_agent_closes_cleanly_where_no_agent_resets() {
+    let with = lab(&["seed", "--agent", "on", "--ingress", "keep"], LIMIT);
+    let removed = n(&with, "removed.connections");
+    assert!(removed > 0, "no client was on a removed pod: {with}");
+    assert_eq!(n(&with, "removed.abnormal"), 0, "{with}");
+    assert_eq!(n(&with, "removed.clean_1012_with_hint"), removed, "{with}");
+    assert_eq!(
+        n(&with, "removed.reconnected_to_survivor"),
+        removed,
+        "{with}"
+    );
+    assert_eq!(n(&with, "abnormal_closes"), 0, "{with}");
+    assert_eq!(n(&with, "messages_lost"), 0, "{with}");
+    assert_eq!(n(&with, "clients"), 40);
+    assert_changes_keep_connections(&with);
+    for pod in with["pods"].as_array().expect("pods") {
+        assert_eq!(pod["drain_outcome"], "Drained", "{pod}");
+        assert!(pod["killed"].as_array().is_some_and(Vec::is_empty), "{pod}");
+    }
+
+    let without = lab(&["seed", "--agent", "off", "--ingress", "keep"], LIMIT);
+    assert!(n(&without, "removed.connections") > 0, "{without}");
+    assert_eq!(
+        n(&without, "removed.abnormal"),
+        n(&without, "removed.connections"),
+        "without the agent every client of a removed pod sees a reset: {without}"
+    );
+    assert!(n(&without, "abnormal_closes") > n(&with, "abnormal_closes"));
+    assert_eq!(n(&without, "clean_closes_with_hint"), 0);
+    assert_changes_keep_connections(&without);
+}
+
+#[test]
+fn reset_all_gateway_resets_everyone_and_a_stable_tier_fixes_it() {
+    for agent in ["on", "off"] {
+        let s = lab(&["seed", "--agent", agent, "--ingress", "reset-all"], LIMIT);
+        let ch = changes(&s);
+        assert_eq!(ch.len(), SEED_CHANGES, "{s}");
+        // Every connection open at any pool change is gone right after it; without the
+        // agent (no close frames at all) every one of them by a reset. With the agent a
+        // close frame may beat the reset by a few ms: that connection is neither.
+        for c in &ch {
+            assert_eq!(c.kept, 0, "agent {agent}: survived a pool change: {ch:?}");
+            if agent == "off" {
+                assert_eq!(c.reset, c.open, "agent off: {ch:?}");
+            }
+        }
+        // The scale-up alone resets the first 20 clients, agent or not.
+        assert_eq!(ch[SCALE_UP].open, 20, "{ch:?}");
+        assert_eq!(ch[SCALE_UP].reset, 20, "{ch:?}");
+        // ... and the scale-down resets clients again.
+        assert!(
+            ch[SCALE_UP + 1..].iter().map(|c| c.reset).sum::<u64>() > 0,
+            "{ch:?}"
+        );
+    }
+    let tiered = lab(&["seed", "--agent", "on", "--ingress", "tiered"], LIMIT);
+    let removed = n(&tiered, "removed.connections");
+    assert!(removed > 0, "{tiered}");
+    assert_eq!(n(&tiered, "abnormal_closes"), 0, "{tiered}");
+    assert_eq!(
+        n(&tiered, "removed.clean_1012_with_hint"),
+        removed,
+        "{tiered}"
+    );
+    assert_eq!(
+        n(&tiered, "removed.reconnected_to_survivor"),
+        removed,
+        "{tiered}"
+    );
+    assert_eq!(n(&tiered, "messages_lost"), 0, "{tiered}");
+    assert_changes_keep_connections(&tiered);
+}
+
+#[test]
+fn paced_closes_keep_reconnects_near_the_planned_rate() {
+    // A fixed hint of 0 ms isolates the agent's pacing from the hint's spread.
+    let paced = lab(
+        &["pacing", "--close-window", "2s", "--reconnect-after", "0ms"],
+        LIMIT,
+    );
+    let planned = paced["planned_close_rate_per_s"]
+        .as_f64()
+        .expect("planned rate");
+    let peak = n(&paced, "peak_reconnects_per_s") as f64;
+    assert!(planned > 0.0, "{paced}");
+    assert!(
+        peak <= 1.2 * planned,
+        "peak {peak}/s above 1.2 x planned {planned}/s: {paced}"
+    );
+    let burst = lab(
+        &[
+            "pacing",
+            "--close-window",
+            "100ms",
+            "--reconnect-after",
+            "0ms",
+        ],
+        LIMIT,
+    );
+    let burst_peak = n(&burst, "peak_reconnects_per_s") as f64;
+    assert!(
+        burst_peak > 1.2 * planned,
+        "closing all at once ({burst_peak}/s) should exceed the paced plan ({planned}/s)"
+    );
+    assert_eq!(n(&paced, "abnormal_closes"), 0, "{paced}");
+}
+
+#[test]
+fn rolling_update_with_a_classic_sidecar_drains_every_pod() {
+    let s = lab(&["rolling", "--sidecar", "classic"], LIMIT);
+    let removed = n(&s, "removed.connections");
+    assert!(removed >= 20, "every client was on a replaced pod: {s}");
+    assert_eq!(n(&s, "abnormal_closes"), 0, "{s}");
+    assert_eq!(n(&s, "removed.clean_1012_with_hint"), removed, "{s}");
+    assert_eq!(n(&s, "messages_lost"), 0, "{s}");
+    let pods = s["pods"].as_array().expect("pods");
+    assert_eq!(pods.len(), 3, "{s}");
+    for pod in pods {
+        assert_eq!(pod["drain_outcome"], "Drained", "{pod}");
+        // Classic: the agent's SIGTERM comes at t0, the app's after its hook; the agent
+        // (draining on SIGTERM too) outlives the app.
+        let term = pod["term_ms"].as_array().expect("term_ms");
+        assert_eq!(term[0][0], "agent", "{pod}");
+        assert_eq!(term[0][1], 0, "{pod}");
+        assert_eq!(term[1][0], "app", "{pod}");
+        assert!(term[1][1].as_u64() >= pod["hook_ms"].as_u64(), "{pod}");
+        let exit = pod["exit_ms"].as_array().expect("exit_ms");
+        assert_eq!(exit.last().map(|e| &e[0]), Some(&"agent".into()), "{pod}");
+        assert!(pod["killed"].as_array().is_some_and(Vec::is_empty), "{pod}");
+    }
+}
+
+#[test]
+fn python_websockets_clients_see_the_same_clean_closes() {
+    let s = lab(&["seed", "--client", "python"], LIMIT);
+    let removed = n(&s, "removed.connections");
+    assert!(removed > 0, "{s}");
+    assert_eq!(n(&s, "removed.abnormal"), 0, "{s}");
+    assert_eq!(n(&s, "removed.clean_1012_with_hint"), removed, "{s}");
+    assert_eq!(n(&s, "messages_lost"), 0, "{s}");
+}
+
+#[test]
+fn close_ignoring_clients_end_at_the_deadline_before_sigkill() {
+    let s = lab(&["deadline", "--grace", "6s"], LIMIT);
+    let pods = s["pods"].as_array().expect("pods");
+    assert_eq!(pods.len(), 1);
+    let pod = &pods[0];
+    assert_eq!(pod["drain_outcome"], "DeadlineExceeded", "{pod}");
+    // The hook answered within the grace period, so nobody needed SIGKILL.
+    assert!(n(pod, "hook_ms") < 6_000, "{pod}");
+    assert!(pod["killed"].as_array().is_some_and(Vec::is_empty), "{pod}");
+}
+
+#[test]
+fn own_app_via_app_placeholders() {
+    let py = common::venv_python();
+    let app = format!(
+        "exec {} tests/clients/lab_app.py {{ip}} {{port}} {{admin_port}}",
+        py.display()
+    );
+    let s = lab(&["seed", "--app", &app, "--clients", "6"], LIMIT);
+    assert!(n(&s, "removed.connections") > 0, "{s}");
+    assert_eq!(n(&s, "removed.abnormal"), 0, "{s}");
+}
+
+#[test]
+fn interrupted_lab_leaves_nothing_behind() {
+    // The user's-app path (sh -c in its own process group) is the harder one to clean up.
+    let app = format!(
+        "{} tests/clients/lab_app.py {{ip}} {{port}} {{admin_port}}",
+        common::venv_python().display()
+    );
+    let mut cmd = Command::new(common::wsdrain_bin());
+    cmd.args(["lab", "seed", "--app", &app])
+        .current_dir(common::repo_path(""))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut p = common::Proc::spawn("lab", &mut cmd);
+    let stderr = p.child.stderr.take().expect("stderr");
+    // Lines arrive through a channel so every wait below is bounded in time.
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let end = Instant::now() + Duration::from_secs(20);
+    let next_line = || {
+        let left = end.saturating_duration_since(Instant::now());
+        lines
+            .recv_timeout(left)
+            .expect("the lab stopped talking before scaling up")
+    };
+    let first = next_line();
+    let run_id = first.split_whitespace().last().expect("run id").to_owned();
+    assert!(run_id.starts_with("wsdrain-lab-"), "{first}");
+    // Interrupt once pods, HAProxy and clients are all up.
+    while !next_line().contains("scaled up: 6 pods") {}
+    assert!(!procs_with(&run_id).is_empty(), "nothing found to clean up");
+    common::signal(p.pid(), nix::sys::signal::Signal::SIGINT);
+    let status = p.wait_timeout(Duration::from_secs(10)).expect("lab exits");
+    assert_eq!(status.code(), Some(130));
+    assert_no_leftovers(&run_id);
+    assert!(
+        !std::env::temp_dir().join(&run_id).exists(),
+        "temp dir left"
+    );
+}
