@@ -180,6 +180,14 @@ pub fn wrap_command(plan: &AgentPlan, original: &[Value]) -> Value {
     if plan.options.readiness_gate {
         cmd.push(json!("--readiness-gate"));
     }
+    // The app's SIGTERM comes after the drain; wrap's own SIGKILL must come before the
+    // kubelet's at the end of the grace period, so it gets to report the exit itself.
+    let child_grace = plan
+        .settings
+        .app_reserve
+        .saturating_sub(std::time::Duration::from_secs(1))
+        .max(std::time::Duration::from_secs(1));
+    cmd.push(json!(format!("--child-grace={}", format_duration(child_grace))));
     cmd.push(json!("--pod-name=$(WSDRAIN_POD_NAME)"));
     cmd.push(json!("--pod-namespace=$(WSDRAIN_POD_NAMESPACE)"));
     cmd.push(json!("--"));
