@@ -444,8 +444,14 @@ impl EchoPod {
         let app = SocketAddr::new(ip, free_port(ip));
         let admin = SocketAddr::new(ip, free_port(ip));
         let mut cmd = Command::new(wsdrain_bin());
-        cmd.args(["echo", "--listen", &app.to_string(), "--admin", &admin.to_string()])
-            .args(["--log-format", "text"]);
+        cmd.args([
+            "echo",
+            "--listen",
+            &app.to_string(),
+            "--admin",
+            &admin.to_string(),
+        ])
+        .args(["--log-format", "text"]);
         if std::env::var_os("WSDRAIN_TEST_LOGS").is_none() {
             cmd.stderr(std::process::Stdio::null());
         }
@@ -478,7 +484,10 @@ struct Seen {
 fn rust_clients(
     app: SocketAddr,
     n: usize,
-) -> (std::sync::mpsc::Receiver<()>, thread::JoinHandle<Vec<Option<Seen>>>) {
+) -> (
+    std::sync::mpsc::Receiver<()>,
+    thread::JoinHandle<Vec<Option<Seen>>>,
+) {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -539,7 +548,8 @@ fn rust_clients(
 }
 
 fn hint_ms(reason: &str) -> u64 {
-    let v: Value = serde_json::from_str(reason).unwrap_or_else(|e| panic!("reason {reason:?} is not JSON: {e}"));
+    let v: Value = serde_json::from_str(reason)
+        .unwrap_or_else(|e| panic!("reason {reason:?} is not JSON: {e}"));
     v["reconnect_after_ms"]
         .as_u64()
         .unwrap_or_else(|| panic!("no reconnect_after_ms in {reason}"))
@@ -550,7 +560,9 @@ fn five_hundred_clients_get_1012_with_a_hint_paced_over_the_window() {
     const N: usize = 500;
     let pod = EchoPod::start(&["--close-window", "2s", "--drain-timeout", "20s"]);
     let (ready, clients) = rust_clients(pod.app, N);
-    ready.recv_timeout(Duration::from_secs(60)).expect("clients connected");
+    ready
+        .recv_timeout(Duration::from_secs(60))
+        .expect("clients connected");
     assert_eq!(pod.agent.get("/readyz").0, 200);
 
     let t0 = Instant::now();
@@ -576,19 +588,32 @@ fn five_hundred_clients_get_1012_with_a_hint_paced_over_the_window() {
     // Paced: closes spread over the 2 s window in 100 ms ticks, not all in one.
     let first = seen.iter().map(|s| s.close_at).min().unwrap();
     let last = seen.iter().map(|s| s.close_at).max().unwrap();
-    assert!(last - first >= Duration::from_millis(1500), "closes within {:?}", last - first);
+    assert!(
+        last - first >= Duration::from_millis(1500),
+        "closes within {:?}",
+        last - first
+    );
     let mut per_tick = std::collections::BTreeMap::new();
     for s in &seen {
-        *per_tick.entry((s.close_at - first).as_millis() / 100).or_insert(0) += 1;
+        *per_tick
+            .entry((s.close_at - first).as_millis() / 100)
+            .or_insert(0) += 1;
     }
-    assert!(per_tick.len() >= 15, "only {} ticks: {per_tick:?}", per_tick.len());
+    assert!(
+        per_tick.len() >= 15,
+        "only {} ticks: {per_tick:?}",
+        per_tick.len()
+    );
     assert!(per_tick.values().all(|&n| n <= 60), "a burst: {per_tick:?}");
     let hints: std::collections::HashSet<u64> = seen.iter().map(|s| hint_ms(&s.reason)).collect();
     assert!(hints.len() >= 10, "hint varies per batch: {hints:?}");
     // The hook answers within poll (100 ms) + 100 ms of the last connection leaving.
     let gone = seen.iter().map(|s| s.ended_at).max().unwrap();
     let release = answered.saturating_duration_since(gone);
-    assert!(release <= Duration::from_millis(200), "hook released {release:?} after zero");
+    assert!(
+        release <= Duration::from_millis(200),
+        "hook released {release:?} after zero"
+    );
     assert!(answered - t0 < Duration::from_secs(10));
     assert_eq!(pod.agent.metric("wsdrain_connections"), Some(0.0));
     let _ = pod.ip;
@@ -615,7 +640,8 @@ fn external_clients(program: &str, script: &str) {
     line.clear();
     out.read_line(&mut line).unwrap();
     let _ = child.wait();
-    let report: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{script}: {e}: {line}"));
+    let report: Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{script}: {e}: {line}"));
     assert_eq!(report["opened"], 50, "{report}");
     assert_eq!(report["still_open"], 0, "{report}");
     let closes = report["closes"].as_array().unwrap();
@@ -628,7 +654,10 @@ fn external_clients(program: &str, script: &str) {
 
 #[test]
 fn python_websockets_clients_receive_1012_and_the_hint() {
-    external_clients(common::venv_python().to_str().unwrap(), "tests/clients/ws_client.py");
+    external_clients(
+        common::venv_python().to_str().unwrap(),
+        "tests/clients/ws_client.py",
+    );
 }
 
 #[test]
