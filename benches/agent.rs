@@ -91,6 +91,12 @@ fn main() {
 
     let mem = memory(&bin);
     println!(
+        "  idle VmRSS {}: RssAnon {} (the agent's own memory) + {} file-backed (binary pages, shared page cache)",
+        kib(mem.idle),
+        kib(mem.idle_anon),
+        kib(mem.idle.saturating_sub(mem.idle_anon))
+    );
+    println!(
         "  memory: idle VmRSS {} | {} sessions connected VmRSS {} | draining max VmRSS {} | after drain VmRSS {}, VmHWM {}",
         kib(mem.idle),
         mem.sessions,
@@ -114,6 +120,12 @@ fn main() {
         kib(mem.idle),
         "<= 5 MiB".to_owned(),
         idle_verdict.to_owned(),
+    ));
+    rows.push((
+        "agent idle RssAnon (without binary pages)".to_owned(),
+        kib(mem.idle_anon),
+        "-".to_owned(),
+        "-".to_owned(),
     ));
     rows.push((
         format!("agent RSS while draining {} sessions", mem.sessions),
@@ -320,8 +332,8 @@ fn release_round(bin: &PathBuf, flag: &str, poll: Duration) -> Option<Duration> 
     (code == 200 && drained).then(|| answered.saturating_duration_since(left))
 }
 
-/// (VmRSS, VmHWM) in KiB of a process.
-fn rss(pid: i32) -> (u64, u64) {
+/// (VmRSS, VmHWM, RssAnon) in KiB of a process.
+fn rss(pid: i32) -> (u64, u64, u64) {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         text.lines()
@@ -329,11 +341,12 @@ fn rss(pid: i32) -> (u64, u64) {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
     };
-    (field("VmRSS:"), field("VmHWM:"))
+    (field("VmRSS:"), field("VmHWM:"), field("RssAnon:"))
 }
 
 struct Memory {
     idle: u64,
+    idle_anon: u64,
     sessions: usize,
     connected: u64,
     draining_max: u64,
@@ -384,7 +397,7 @@ fn memory(bin: &PathBuf) -> Memory {
         ],
     );
     thread::sleep(Duration::from_millis(500));
-    let (idle, _) = rss(agent.pid());
+    let (idle, _, idle_anon) = rss(agent.pid());
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -394,7 +407,7 @@ fn memory(bin: &PathBuf) -> Memory {
     let clients = rt.block_on(connect_all(app, SESSIONS));
     let sessions = clients.len();
     let _ = state(api); // one count with the sessions open
-    let (connected, _) = rss(agent.pid());
+    let (connected, ..) = rss(agent.pid());
 
     let t0 = Instant::now();
     let hook = thread::spawn(move || http("GET", api, "/prestop", &[]).1);
@@ -406,7 +419,7 @@ fn memory(bin: &PathBuf) -> Memory {
     }
     let body = hook.join().expect("hook thread");
     let drain_secs = t0.elapsed().as_secs_f64();
-    let (after, hwm) = rss(agent.pid());
+    let (after, hwm, _) = rss(agent.pid());
     let got_1012 = rt.block_on(async {
         let until = Instant::now() + Duration::from_secs(3);
         while clients.iter().any(|c| !c.is_finished()) && Instant::now() < until {
@@ -425,6 +438,7 @@ fn memory(bin: &PathBuf) -> Memory {
     let v: Value = serde_json::from_str(&body).unwrap_or_default();
     Memory {
         idle,
+        idle_anon,
         sessions,
         connected,
         draining_max,
