@@ -1,4 +1,5 @@
-//! The local lab (`wsdrain lab`): pods on 127.0.0.N-style loopback addresses, a real
+//! The local lab (`wsdrain lab`): pods on 127.0.0.N-style loopback addresses (or, with
+//! `--netns` as root, in network namespaces of their own), a real
 //! HAProxy ingress, a kubelet-faithful termination driver and WebSocket clients, to
 //! show on one machine what happens to clients when pods go away. See docs/lab.md.
 

@@ -124,6 +124,11 @@ pub fn create_node(tag: &str) -> Result<(), LabError> {
     ip_in(&ns, &["link", "set", BRIDGE, "up"])
 }
 
+/// The node side of pod N's veth pair (interface names: at most 15 bytes).
+fn veth_name(n: u8) -> String {
+    format!("vp{n}")
+}
+
 /// Pod numbers of this process: never reused, so a new pod never meets the veth of a
 /// deleted one the kernel has not freed yet (the demo runs five scenarios in a row).
 static NEXT_POD: AtomicU8 = AtomicU8::new(1);
@@ -148,7 +153,7 @@ impl PodNs {
             name,
             ip: IpAddr::V4(Ipv4Addr::new(10, 213, 0, n + 1)),
         };
-        let veth = format!("vp{n}");
+        let veth = veth_name(n);
         let node = node_ns(tag);
         ip_in(
             &node,
@@ -312,7 +317,9 @@ mod tests {
         let tag = tag_of("wsdrain-lab-4242-0a1b2c3d");
         assert_eq!(tag, "0a1b2c3d");
         assert_eq!(node_ns(tag), "wsdl-0a1b2c3d-n");
-        assert!(format!("{}-p250", ns_prefix(tag)).len() <= 15);
+        // Interface names are limited to 15 bytes (IFNAMSIZ); namespace names are files.
+        assert!(veth_name(250).len() <= 15 && BRIDGE.len() <= 15);
+        assert!(format!("{}-p250", ns_prefix(tag)).len() <= 20);
     }
 
     #[test]
