@@ -309,6 +309,12 @@ fn own_app_via_app_placeholders() {
 /// Starts `wsdrain lab ARGS`, SIGINTs it once 6 pods are up, checks exit 130 and that
 /// no process or temp dir of the run remains. Returns the run id.
 fn interrupt_after_scale_up(args: &[&str]) -> String {
+    stop_after_scale_up(args, None)
+}
+
+/// As `interrupt_after_scale_up`; with `kill_inner`, SIGKILLs instead the `--netns`
+/// lab running inside the node namespace (a crash), and expects exit code 1.
+fn stop_after_scale_up(args: &[&str], kill_inner: Option<&str>) -> String {
     let mut cmd = Command::new(common::wsdrain_bin());
     cmd.arg("lab")
         .args(args)
@@ -340,10 +346,25 @@ fn interrupt_after_scale_up(args: &[&str]) -> String {
     assert!(run_id.starts_with("wsdrain-lab-"), "{first}");
     // Interrupt once pods, HAProxy and clients are all up.
     while !next_line().contains("scaled up: 6 pods") {}
-    assert!(!procs_with(&run_id).is_empty(), "nothing found to clean up");
-    common::signal(p.pid(), nix::sys::signal::Signal::SIGINT);
+    let found = procs_with(&run_id);
+    assert!(!found.is_empty(), "nothing found to clean up");
+    let code = match kill_inner {
+        None => {
+            common::signal(p.pid(), nix::sys::signal::Signal::SIGINT);
+            130
+        }
+        Some(marker) => {
+            let inner = found
+                .iter()
+                .find(|p| p.contains(marker))
+                .and_then(|p| p.split(':').next()?.parse().ok())
+                .unwrap_or_else(|| panic!("no process with {marker}: {found:?}"));
+            common::signal(inner, nix::sys::signal::Signal::SIGKILL);
+            1
+        }
+    };
     let status = p.wait_timeout(Duration::from_secs(15)).expect("lab exits");
-    assert_eq!(status.code(), Some(130));
+    assert_eq!(status.code(), Some(code));
     assert_no_leftovers(&run_id);
     assert!(
         !std::env::temp_dir().join(&run_id).exists(),
@@ -436,4 +457,17 @@ fn netns_without_root_fails_clearly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("--netns needs root"), "{err}");
+}
+
+#[test]
+fn netns_lab_whose_inner_part_crashes_leaves_nothing_behind() {
+    require_root();
+    // The pods' processes outlive the crashed inner lab: the outer sweep must find them
+    // in the namespaces, kill them and delete the namespaces.
+    let run_id = stop_after_scale_up(&["seed", "--netns"], Some("--netns-inside"));
+    let tag = run_id.rsplit('-').next().expect("tag");
+    assert_eq!(
+        namespaces_with(&format!("wsdl-{tag}")),
+        Vec::<String>::new()
+    );
 }

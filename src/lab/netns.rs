@@ -270,11 +270,14 @@ pub async fn run_outer(keep_dir: bool, quiet: bool) -> anyhow::Result<ExitCode> 
         .env(RUN_ENV, &run_id)
         // Its own group, so the inner lab's SIGKILL fallback cannot hit this process.
         .process_group(0);
+    // Handlers first: a signal right after the spawn must not kill us before the inner lab.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
     let inner = Child::adopt("lab (node namespace)", cmd.spawn()?)?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let (status, code) = tokio::select! {
         s = inner.wait(Duration::MAX) => (s, None),
-        _ = tokio::signal::ctrl_c() => (stop(&inner, Signal::SIGINT).await, Some(130)),
+        _ = int.recv() => (stop(&inner, Signal::SIGINT).await, Some(130)),
         _ = term.recv() => (stop(&inner, Signal::SIGTERM).await, Some(143)),
     };
     drop(inner);
