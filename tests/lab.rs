@@ -306,15 +306,18 @@ fn own_app_via_app_placeholders() {
     assert_eq!(n(&s, "removed.abnormal"), 0, "{s}");
 }
 
-#[test]
-fn interrupted_lab_leaves_nothing_behind() {
-    // The user's-app path (sh -c in its own process group) is the harder one to clean up.
-    let app = format!(
-        "{} tests/clients/lab_app.py {{ip}} {{port}} {{admin_port}}",
-        common::venv_python().display()
-    );
+/// Starts `wsdrain lab ARGS`, SIGINTs it once 6 pods are up, checks exit 130 and that
+/// no process or temp dir of the run remains. Returns the run id.
+fn interrupt_after_scale_up(args: &[&str]) -> String {
+    stop_after_scale_up(args, None)
+}
+
+/// As `interrupt_after_scale_up`; with `kill_inner`, SIGKILLs instead the `--netns`
+/// lab running inside the node namespace (a crash), and expects exit code 1.
+fn stop_after_scale_up(args: &[&str], kill_inner: Option<&str>) -> String {
     let mut cmd = Command::new(common::wsdrain_bin());
-    cmd.args(["lab", "seed", "--app", &app])
+    cmd.arg("lab")
+        .args(args)
         .current_dir(common::repo_path(""))
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -336,18 +339,135 @@ fn interrupted_lab_leaves_nothing_behind() {
             .recv_timeout(left)
             .expect("the lab stopped talking before scaling up")
     };
-    let first = next_line();
+    let first = std::iter::repeat_with(next_line)
+        .find(|l| l.contains("run id"))
+        .expect("run id line");
     let run_id = first.split_whitespace().last().expect("run id").to_owned();
     assert!(run_id.starts_with("wsdrain-lab-"), "{first}");
     // Interrupt once pods, HAProxy and clients are all up.
     while !next_line().contains("scaled up: 6 pods") {}
-    assert!(!procs_with(&run_id).is_empty(), "nothing found to clean up");
-    common::signal(p.pid(), nix::sys::signal::Signal::SIGINT);
-    let status = p.wait_timeout(Duration::from_secs(10)).expect("lab exits");
-    assert_eq!(status.code(), Some(130));
+    let found = procs_with(&run_id);
+    assert!(!found.is_empty(), "nothing found to clean up");
+    let code = match kill_inner {
+        None => {
+            common::signal(p.pid(), nix::sys::signal::Signal::SIGINT);
+            130
+        }
+        Some(marker) => {
+            let inner = found
+                .iter()
+                .find(|p| p.contains(marker))
+                .and_then(|p| p.split(':').next()?.parse().ok())
+                .unwrap_or_else(|| panic!("no process with {marker}: {found:?}"));
+            common::signal(inner, nix::sys::signal::Signal::SIGKILL);
+            1
+        }
+    };
+    let status = p.wait_timeout(Duration::from_secs(15)).expect("lab exits");
+    assert_eq!(status.code(), Some(code));
     assert_no_leftovers(&run_id);
     assert!(
         !std::env::temp_dir().join(&run_id).exists(),
         "temp dir left"
+    );
+    run_id
+}
+
+#[test]
+fn interrupted_lab_leaves_nothing_behind() {
+    // The user's-app path (sh -c in its own process group) is the harder one to clean up.
+    let app = format!(
+        "{} tests/clients/lab_app.py {{ip}} {{port}} {{admin_port}}",
+        common::venv_python().display()
+    );
+    interrupt_after_scale_up(&["seed", "--app", &app]);
+}
+
+/// `--netns` creates network namespaces: it needs root, and CI runs as root. Not root
+/// is a failure, not a skip, so the namespace path cannot go untested unnoticed.
+fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "the --netns lab tests need root (they create network namespaces); \
+         CI runs them as root: run `cargo test --test lab` as root"
+    );
+}
+
+/// Network namespaces whose name starts with `prefix` (`wsdl-<tag>`).
+fn namespaces_with(prefix: &str) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn netns_pods_give_the_same_guarantees_and_leave_no_namespace() {
+    require_root();
+    let s = lab(
+        &["seed", "--netns", "--agent", "on", "--ingress", "keep"],
+        LIMIT,
+    );
+    let prefix = s["netns"].as_str().expect("netns prefix in the summary");
+    assert!(prefix.starts_with("wsdl-"), "{s}");
+    assert_eq!(namespaces_with(prefix), Vec::<String>::new());
+    let removed = n(&s, "removed.connections");
+    assert!(removed > 0, "no client was on a removed pod: {s}");
+    assert_eq!(n(&s, "removed.abnormal"), 0, "{s}");
+    assert_eq!(n(&s, "removed.clean_1012_with_hint"), removed, "{s}");
+    assert_eq!(n(&s, "removed.reconnected_to_survivor"), removed, "{s}");
+    assert_eq!(n(&s, "abnormal_closes"), 0, "{s}");
+    assert_eq!(n(&s, "messages_lost"), 0, "{s}");
+    assert_eq!(n(&s, "clients"), 40);
+    assert_changes_keep_connections(&s);
+    for pod in s["pods"].as_array().expect("pods") {
+        assert_eq!(pod["drain_outcome"], "Drained", "{pod}");
+        assert_eq!(pod["hook_status"], 200, "{pod}");
+        assert!(pod["killed"].as_array().is_some_and(Vec::is_empty), "{pod}");
+    }
+}
+
+#[test]
+fn interrupted_netns_lab_leaves_no_namespace() {
+    require_root();
+    let run_id = interrupt_after_scale_up(&["seed", "--netns"]);
+    let tag = run_id.rsplit('-').next().expect("tag");
+    assert_eq!(
+        namespaces_with(&format!("wsdl-{tag}")),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn netns_without_root_fails_clearly() {
+    require_root();
+    // Drop to nobody: the lab must refuse before creating anything.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(common::wsdrain_bin())
+        .args(["lab", "seed", "--netns"])
+        .output()
+        .expect("setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("--netns needs root"), "{err}");
+}
+
+#[test]
+fn netns_lab_whose_inner_part_crashes_leaves_nothing_behind() {
+    require_root();
+    // The pods' processes outlive the crashed inner lab: the outer sweep must find them
+    // in the namespaces, kill them and delete the namespaces.
+    let run_id = stop_after_scale_up(&["seed", "--netns"], Some("--netns-inside"));
+    let tag = run_id.rsplit('-').next().expect("tag");
+    assert_eq!(
+        namespaces_with(&format!("wsdl-{tag}")),
+        Vec::<String>::new()
     );
 }

@@ -1,10 +1,12 @@
-//! The local lab (`wsdrain lab`): pods on 127.0.0.N-style loopback addresses, a real
+//! The local lab (`wsdrain lab`): pods on 127.0.0.N-style loopback addresses (or, with
+//! `--netns` as root, in network namespaces of their own), a real
 //! HAProxy ingress, a kubelet-faithful termination driver and WebSocket clients, to
 //! show on one machine what happens to clients when pods go away. See docs/lab.md.
 
 pub mod client;
 pub mod ingress;
 pub mod kubelet;
+pub mod netns;
 pub mod pod;
 pub mod procs;
 pub mod pyclient;
@@ -38,6 +40,8 @@ pub enum LabError {
     Clients(String),
     #[error("scenario: {0}")]
     Scenario(String),
+    #[error("netns: {0}")]
+    Netns(String),
 }
 
 impl LabError {
@@ -123,6 +127,13 @@ pub struct LabArgs {
     /// No progress lines on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// Root only: each pod in its own network namespace on a bridge (10.213.0.0/24),
+    /// HAProxy and clients in a "node" namespace; all removed at the end.
+    #[arg(long)]
+    pub netns: bool,
+    /// Internal: this process already runs in the node namespace of run id ID.
+    #[arg(long, hide = true, value_name = "ID")]
+    pub netns_inside: Option<String>,
 }
 
 impl LabArgs {
@@ -169,7 +180,18 @@ impl LabArgs {
             interval: self.interval,
             close_window: self.close_window,
             close_tick: self.close_tick,
-            run_id: procs::new_run_id(),
+            // The outer `--netns` process chose the id (it sweeps by it); a demo's
+            // later runs take new ones.
+            run_id: self
+                .netns_inside
+                .as_ref()
+                .filter(|_| self.scenario != "demo")
+                .cloned()
+                .unwrap_or_else(procs::new_run_id),
+            netns: self
+                .netns_inside
+                .as_deref()
+                .map(|id| netns::tag_of(id).to_owned()),
             keep_dir: self.keep_dir,
             records: self.records.clone(),
             progress: !self.quiet,
@@ -178,6 +200,10 @@ impl LabArgs {
 }
 
 pub async fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
+    if args.netns && args.netns_inside.is_none() {
+        // Creates the namespaces and runs this command again inside the node one.
+        return netns::run_outer(args.keep_dir, args.quiet).await;
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     // On Ctrl-C or SIGTERM the run's future is dropped: every child's process group is
     // SIGKILLed and the temp dir removed by their Drop.

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use super::LabError;
 use super::ingress::{Endpoint, Ingress};
 use super::kubelet::{Action, ContainerSpec, Event, Kind, PodSpec, Termination};
+use super::netns::{self, PodNs};
 use super::procs::Child;
 
 /// How the agent runs next to the app.
@@ -45,6 +46,8 @@ pub struct Pod {
     pub slot: Option<String>,
     app: Child,
     agent: Option<Child>,
+    /// Last field: dropped (namespace deleted) after the children got SIGKILL.
+    _netns: Option<PodNs>,
 }
 
 /// What happened to one pod during its termination (times in ms from its t0).
@@ -78,26 +81,46 @@ pub fn fill_app_cmd(cmd: &str, ip: IpAddr, port: u16, admin_port: u16) -> String
 }
 
 impl Pod {
+    /// Starts the pod on `ip`: a loopback address, or with `ns` the address of its own
+    /// network namespace, where it gets Kubernetes-like fixed ports.
     pub fn start(
         t: &PodTemplate,
         name: &str,
         ip: IpAddr,
+        ns: Option<PodNs>,
         dir: &Path,
         run_id: &str,
     ) -> Result<Pod, LabError> {
-        let app_port = free_port(ip)?;
-        let admin_port = free_port(ip)?;
+        let (app_port, admin_port) = match ns {
+            Some(_) => (netns::APP_PORT, netns::ADMIN_PORT),
+            None => (free_port(ip)?, free_port(ip)?),
+        };
+        // In its own namespace the app listens on all addresses, as in a pod, and the agent
+        // reaches the admin API on the pod's loopback; `{ip}` of --app is then 0.0.0.0.
+        let (bind_ip, admin_ip) = match ns {
+            Some(_) => (
+                IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            ),
+            None => (ip, ip),
+        };
+        // A container's command: inside the pod's namespace when it has one.
+        let command = |program: &std::ffi::OsStr| match &ns {
+            Some(ns) => ns.command(program),
+            None => tokio::process::Command::new(program),
+        };
         let app_cmd = match &t.app_cmd {
             None => {
-                let mut c = tokio::process::Command::new(&t.wsdrain);
-                c.args(["echo", "--listen", &format!("{ip}:{app_port}")])
-                    .args(["--admin", &format!("{ip}:{admin_port}")])
+                let mut c = command(t.wsdrain.as_os_str());
+                c.args(["echo", "--listen", &format!("{bind_ip}:{app_port}")])
+                    .args(["--admin", &format!("{admin_ip}:{admin_port}")])
                     .args(["--log-format", "json"]);
                 c
             }
             Some(cmd) => {
-                let mut c = tokio::process::Command::new("sh");
-                c.arg("-c").arg(fill_app_cmd(cmd, ip, app_port, admin_port));
+                let mut c = command("sh".as_ref());
+                c.arg("-c")
+                    .arg(fill_app_cmd(cmd, bind_ip, app_port, admin_port));
                 c
             }
         };
@@ -110,12 +133,28 @@ impl Pod {
         let (agent, agent_port) = match &t.agent_flags {
             None => (None, None),
             Some(flags) => {
-                let port = free_port(ip)?;
-                let mut c = tokio::process::Command::new(&t.wsdrain);
-                c.args(["agent", "--listen", &format!("{ip}:{port}")])
-                    .args(["--ports", &app_port.to_string()])
-                    .args(["--address", &ip.to_string()])
-                    .args(["--admin-url", &format!("http://{ip}:{admin_port}")])
+                let mut c = command(t.wsdrain.as_os_str());
+                let port = match ns {
+                    // As in a real pod: the namespace isolates the count, the hook comes
+                    // from the node (the kubelet's HOST_IP).
+                    Some(_) => {
+                        c.args([
+                            "agent",
+                            "--listen",
+                            &format!("0.0.0.0:{}", netns::AGENT_PORT),
+                        ])
+                        .args(["--trigger-from", &netns::NODE_IP.to_string()]);
+                        netns::AGENT_PORT
+                    }
+                    None => {
+                        let port = free_port(ip)?;
+                        c.args(["agent", "--listen", &format!("{ip}:{port}")])
+                            .args(["--address", &ip.to_string()]);
+                        port
+                    }
+                };
+                c.args(["--ports", &app_port.to_string()])
+                    .args(["--admin-url", &format!("http://{admin_ip}:{admin_port}")])
                     .args(["--grace-period", &format!("{}ms", t.grace.as_millis())])
                     .arg("--termination-log")
                     .arg(dir.join(format!("{name}-termination.log")))
@@ -137,6 +176,7 @@ impl Pod {
             slot: None,
             app,
             agent,
+            _netns: ns,
         })
     }
 

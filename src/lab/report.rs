@@ -66,6 +66,9 @@ pub struct Summary {
     pub pool_changes: Vec<PoolChange>,
     pub pods: Vec<PodReport>,
     pub run_id: String,
+    /// `--netns`: the prefix of the run's network namespaces (`wsdl-<tag>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
     pub duration_ms: u64,
 }
 

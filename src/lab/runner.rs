@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use super::LabError;
 use super::client::{ClientOpts, ConnRecord, Load};
 use super::ingress::{self, Health, Ingress, Mode};
+use super::netns::{self, PodNs};
 use super::pod::{Pod, PodReport, PodTemplate};
 use super::procs::RunDir;
 use super::pyclient::{PyClients, PyConfig};
@@ -29,6 +30,8 @@ pub struct RunConfig {
     /// Where to write the connection records (JSON lines).
     pub records: Option<std::path::PathBuf>,
     pub progress: bool,
+    /// `--netns`: the namespace tag (pods get their own namespaces; we run in the node's).
+    pub netns: Option<String>,
 }
 
 struct Run<'a> {
@@ -72,7 +75,11 @@ pub async fn run(cfg: &RunConfig) -> Result<Summary, LabError> {
     let epoch = Instant::now();
     let dir = RunDir::create(&cfg.run_id, cfg.keep_dir)?;
     let net = pick_net();
-    let front_ip = ip(net, 1);
+    // With --netns we run in the node namespace: the ingress listens on its bridge.
+    let front_ip = match cfg.netns {
+        Some(_) => IpAddr::V4(netns::NODE_IP),
+        None => ip(net, 1),
+    };
     let layout = ingress::layout(front_ip, free_ports(front_ip)?, dir.path.join("admin.sock"));
     let health = if cfg.template.agent_flags.is_some() {
         Health::Readyz
@@ -112,6 +119,7 @@ pub async fn run(cfg: &RunConfig) -> Result<Summary, LabError> {
         }
         .into(),
         run_id: cfg.run_id.clone(),
+        netns: cfg.netns.as_deref().map(netns::ns_prefix),
         pods: std::mem::take(&mut run.reports),
         ..Default::default()
     };
@@ -218,13 +226,23 @@ impl Run<'_> {
         for _ in 0..n {
             self.started += 1;
             let name = format!("pod-{}", self.started);
-            // Host part 2..: .1 is the ingress.
-            let host = u8::try_from(self.started + 1)
-                .map_err(|_| LabError::Pod("too many pods in one run".into()))?;
+            let (addr, ns) = match &self.cfg.netns {
+                Some(tag) => {
+                    let ns = PodNs::create(tag)?;
+                    (ns.ip, Some(ns))
+                }
+                None => {
+                    // Host part 2..: .1 is the ingress.
+                    let host = u8::try_from(self.started + 1)
+                        .map_err(|_| LabError::Pod("too many pods in one run".into()))?;
+                    (ip(self.net, host), None)
+                }
+            };
             let pod = Pod::start(
                 &self.cfg.template,
                 &name,
-                ip(self.net, host),
+                addr,
+                ns,
                 &self.dir.path,
                 &self.cfg.run_id,
             )?;
