@@ -20,7 +20,7 @@ fi
 export CC_x86_64_unknown_linux_musl=musl-gcc
 cargo build --locked --profile image --target "$target" --bin wsdrain
 
-bin=target/$target/image/wsdrain
+bin=${CARGO_TARGET_DIR:-target}/$target/image/wsdrain
 if file "$bin" | grep -q 'dynamically linked'; then
     echo "image-binary: $bin is dynamically linked" >&2
     exit 1
