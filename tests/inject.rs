@@ -3,6 +3,8 @@
 //! idempotency, and the real `wsdrain inject` binary on multi-document manifests.
 //! `UPDATE_GOLDEN=1 cargo test --test inject` rewrites the expected files.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -317,4 +319,121 @@ fn sidecar_yaml_is_what_inject_produces() {
     let (out, _) = run_inject(&source, &[], &[("WSDRAIN_INJECT_TOKEN", &token)]);
     let body = shipped.split_once("\n---\n").expect("header, then ---").1;
     assert_eq!(body, out, "regenerate sidecar.yaml (see its header)");
+}
+
+/// Expands `$(VAR)` the way the kubelet does, from `vars`.
+fn kubelet_expand(s: &str, vars: &[(String, String)]) -> String {
+    vars.iter().fold(s.to_owned(), |acc, (k, v)| {
+        acc.replace(&format!("$({k})"), v)
+    })
+}
+
+/// The env a container gets: literal values, downward-API fields filled with test values.
+fn container_env(container: &Value, ip: &str) -> Vec<(String, String)> {
+    let mut vars: Vec<(String, String)> = Vec::new();
+    for e in container["env"].as_array().into_iter().flatten() {
+        let name = e["name"].as_str().expect("env name").to_owned();
+        let value = match e["value"].as_str() {
+            Some(v) => kubelet_expand(v, &vars),
+            None => match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                Some("metadata.name") => "echo-7d9f".into(),
+                Some("metadata.namespace") => "web".into(),
+                Some("status.podIP" | "status.hostIP") => ip.into(),
+                other => panic!("unexpected env source {other:?} in {e}"),
+            },
+        };
+        vars.push((name, value));
+    }
+    vars
+}
+
+fn golden_pod(name: &str) -> Value {
+    let text = std::fs::read_to_string(fixtures().join(name)).expect("golden");
+    let doc: Value = serde_yaml::from_str(&text).expect("yaml");
+    doc["pod"].clone()
+}
+
+/// The injected agent's env and args, run by the real binary: every name and value must be
+/// one the agent accepts (golden files alone would not notice a misspelt env var).
+#[test]
+fn injected_agent_settings_start_the_real_agent() {
+    let pod = golden_pod("all-annotations.out.yaml");
+    let agent = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| pod["spec"][k].as_array().into_iter().flatten())
+        .find(|c| c["name"] == "wsdrain")
+        .expect("agent container");
+    let ip = common::pod_ip();
+    let api = std::net::SocketAddr::new(ip, common::free_port(ip));
+    let env = container_env(agent, &ip.to_string());
+    let token = env
+        .iter()
+        .find(|(k, _)| k == "WSDRAIN_TOKEN")
+        .map(|(_, v)| v.clone())
+        .expect("token env");
+    let args: Vec<&str> = agent["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("arg"))
+        .collect();
+    let mut cmd = Command::new(common::wsdrain_bin());
+    cmd.args(&args)
+        .env_clear()
+        .envs(env)
+        // Only what a laptop lacks: no API server, no /dev/termination-log, a free port.
+        .env("WSDRAIN_NO_KUBE", "true")
+        .env("WSDRAIN_TERMINATION_LOG", "")
+        .env("WSDRAIN_LISTEN", api.to_string())
+        .stderr(Stdio::null());
+    let mut agent_proc = common::Proc::spawn("agent", &mut cmd);
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(api).is_err() {
+        if let Some(status) = agent_proc.child.try_wait().expect("wait") {
+            panic!("the agent refused the injected settings: {status}");
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "agent never listened"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(common::http("GET", api, "/readyz", &[]).0, 200);
+    // The token the hook carries is the one the agent checks.
+    assert_eq!(common::http("POST", api, "/drain", &[]).0, 401);
+    let header = ("X-Wsdrain-Token", token.as_str());
+    assert_eq!(common::http("POST", api, "/drain", &[header]).0, 202);
+}
+
+/// Wrap mode's rewritten command, run by the real binary with a harmless app.
+#[test]
+fn injected_wrap_command_runs_the_real_wrapper() {
+    let pod = golden_pod("wrap.out.yaml");
+    let app = &pod["spec"]["containers"][0];
+    let ip = common::pod_ip();
+    let env = container_env(app, &ip.to_string());
+    let command: Vec<String> = app["command"]
+        .as_array()
+        .expect("command")
+        .iter()
+        .map(|a| kubelet_expand(a.as_str().expect("arg"), &env))
+        .collect();
+    assert_eq!(command[0], "/wsdrain-bin/wsdrain");
+    let sep = command.iter().position(|a| a == "--").expect("--");
+    let listen = std::net::SocketAddr::new(ip, common::free_port(ip)).to_string();
+    let out = Command::new(common::wsdrain_bin())
+        .args(&command[1..sep])
+        .args(["--", "sh", "-c", "exit 7"])
+        .env("WSDRAIN_NO_KUBE", "true")
+        .env("WSDRAIN_TERMINATION_LOG", "")
+        .env("WSDRAIN_LISTEN", listen)
+        .output()
+        .expect("run wrap");
+    // 7 is the app's own exit code: wrap accepted every flag and ran the app.
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -18,6 +18,7 @@ use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SerialNu
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
+use serde::Deserialize;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
@@ -327,7 +328,14 @@ async fn native_sidecars_flag_decides_where_the_agent_goes() {
     let (agent, in_init) = injected_agent(&classic).await;
     assert!(!in_init, "classic sidecar: {agent}");
 
-    // `auto` without a reachable API server assumes a current cluster: native sidecar.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (native, _) = Webhook::with_files(&pki, dir.path(), &["--native-sidecars", "true"]);
+    let (agent, in_init) = injected_agent(&native).await;
+    assert!(in_init, "native sidecar: {agent}");
+    assert_eq!(agent["restartPolicy"], "Always", "{agent}");
+
+    // `auto` without a reachable API server can't know the version: classic sidecars work
+    // on every cluster, a native one would hang pods on clusters older than 1.29.
     let dir = tempfile::tempdir().expect("tempdir");
     let start = Instant::now();
     let (auto, _) = Webhook::with_files(&pki, dir.path(), &["--native-sidecars", "auto"]);
@@ -336,8 +344,87 @@ async fn native_sidecars_flag_decides_where_the_agent_goes() {
         "auto must not stall start-up"
     );
     let (agent, in_init) = injected_agent(&auto).await;
-    assert!(in_init, "native sidecar: {agent}");
-    assert_eq!(agent["restartPolicy"], "Always", "{agent}");
+    assert!(!in_init, "classic sidecar without a known version: {agent}");
+}
+
+/// The webhook container of deploy/deployment.yaml: (args, env name/value pairs).
+fn shipped_webhook_container() -> (Vec<String>, Vec<(String, String)>) {
+    let text = std::fs::read_to_string(common::repo_path("deploy/deployment.yaml")).expect("read");
+    let deployment = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).expect("yaml"))
+        .find(|doc| doc["kind"] == "Deployment")
+        .expect("a Deployment");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let args = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("string arg").to_owned())
+        .collect();
+    let env = container["env"]
+        .as_array()
+        .map(|env| {
+            env.iter()
+                .filter_map(|e| {
+                    Some((
+                        e["name"].as_str()?.to_owned(),
+                        e["value"].as_str()?.to_owned(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (args, env)
+}
+
+#[tokio::test]
+async fn the_shipped_deployment_starts_and_injects_the_image_it_names() {
+    let (args, mut env) = shipped_webhook_container();
+    // Pin an image no default could produce: the manifest's env name must be the one the
+    // webhook reads (a mirror or a pinned tag is set exactly there).
+    let image = "registry.test/mirror/wsdrain:pinned";
+    let named = env
+        .iter_mut()
+        .find(|(_, v)| v.starts_with("ghcr.io/wsdrain/wsdrain"))
+        .expect("deployment.yaml sets the injected image in an env var");
+    named.1 = image.to_owned();
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ip = common::pod_ip();
+    let (cert, key) = pki.leaf(&[ip.to_string()], 7);
+    std::fs::write(dir.path().join("tls.crt"), cert).expect("cert");
+    std::fs::write(dir.path().join("tls.key"), key).expect("key");
+    let addr = SocketAddr::new(ip, common::free_port(ip));
+    // Same flags and env as in the cluster, with local paths and a loopback address.
+    let args: Vec<String> = args
+        .into_iter()
+        .map(|a| match a.as_str() {
+            "/tls/tls.crt" | "/tls/tls.key" => dir
+                .path()
+                .join(a.trim_start_matches("/tls/"))
+                .display()
+                .to_string(),
+            "0.0.0.0:8443" => addr.to_string(),
+            _ => a,
+        })
+        .collect();
+    let mut cmd = Command::new(common::wsdrain_bin());
+    cmd.args(&args)
+        .envs(env)
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let proc = Proc::spawn("webhook", &mut cmd);
+    common::wait_listening(addr, Duration::from_secs(20));
+    let wh = Webhook {
+        _proc: proc,
+        addr,
+        roots: pki.roots(),
+    };
+    assert_eq!(wh.get("/healthz").await.status, 200);
+    let (agent, _) = injected_agent(&wh).await;
+    assert_eq!(agent["image"], image, "{agent}");
 }
 
 #[tokio::test]

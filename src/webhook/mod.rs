@@ -186,8 +186,9 @@ async fn stop_on_signal(stop: CancellationToken) {
     stop.cancel();
 }
 
-/// Native sidecars are on by default from Kubernetes 1.29. Without a reachable API server
-/// we assume a current cluster (true); pods can still say `wsdrain.io/sidecar: classic`.
+/// Native sidecars are on by default from Kubernetes 1.29. Without a version we fall back
+/// to classic sidecars, which work on every version; on a cluster older than 1.29 a
+/// native sidecar would be an init container that never exits and the pod would hang.
 async fn detect_native_sidecars() -> bool {
     let probe = async {
         let client = kube::Client::try_default().await?;
@@ -201,19 +202,17 @@ async fn detect_native_sidecars() -> bool {
                 native
             }
             None => {
-                tracing::warn!(%major, %minor, "API server version not understood; assuming native sidecars");
-                true
+                tracing::warn!(%major, %minor, "API server version not understood; injecting classic sidecars");
+                false
             }
         },
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "API server not reachable; assuming native sidecars (>= 1.29)");
-            true
+            tracing::warn!(error = %e, "API server not reachable; injecting classic sidecars");
+            false
         }
         Err(_) => {
-            tracing::warn!(
-                "API server version probe timed out; assuming native sidecars (>= 1.29)"
-            );
-            true
+            tracing::warn!("API server version probe timed out; injecting classic sidecars");
+            false
         }
     }
 }

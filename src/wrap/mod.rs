@@ -26,7 +26,7 @@ pub struct WrapArgs {
     #[command(flatten)]
     pub agent: AgentArgs,
     /// Time the app gets after its SIGTERM (sent when the drain ended) before SIGKILL.
-    #[arg(long, env = "WSDRAIN_CHILD_GRACE", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_CHILD_GRACE", default_value = "4s", value_parser = parse_duration)]
     pub child_grace: Duration,
     /// The app's command and arguments.
     #[arg(last = true, required = true)]
