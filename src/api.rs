@@ -78,15 +78,7 @@ type Resp = Response<Full<Bytes>>;
 pub async fn serve(listener: TcpListener, drainer: Drainer, guard: Guard) {
     let state = Arc::new(State { drainer, guard });
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (stream, peer) = crate::net::accept(&listener).await;
         let state = state.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {

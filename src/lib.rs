@@ -15,6 +15,7 @@ pub mod kube;
 pub mod lab;
 pub mod logging;
 pub mod metrics;
+pub mod net;
 pub mod prestop;
 pub mod signals;
 pub mod webhook;

@@ -126,16 +126,9 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(serve(stream, app.clone()));
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
+        let (stream, _) = crate::net::accept(&listener).await;
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(serve(stream, app.clone()));
     }
 }
 

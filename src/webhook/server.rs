@@ -64,15 +64,7 @@ pub async fn serve(
         };
         let (tcp, peer) = tokio::select! {
             () = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Usually EMFILE: back off instead of spinning; the server lives on.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = crate::net::accept(&listener) => accepted,
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
