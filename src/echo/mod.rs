@@ -97,16 +97,12 @@ pub async fn run(args: EchoArgs) -> anyhow::Result<ExitCode> {
     });
     tracing::info!(listen = %args.listen, admin = %args.admin, "echo app listening");
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot install SIGTERM handler")?;
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .context("cannot install SIGINT handler")?;
-
+    let termination =
+        crate::signals::Termination::install().context("cannot install signal handlers")?;
     let signal = tokio::select! {
         _ = accept_loop(public, app.clone(), serve_public) => "accept loop ended",
         _ = accept_loop(admin, app.clone(), serve_admin) => "accept loop ended",
-        _ = sigterm.recv() => "SIGTERM",
-        _ = sigint.recv() => "SIGINT",
+        sig = termination.first() => crate::signals::name(sig),
     };
     // Deliberately no graceful close: returning drops every socket without a close frame,
     // so clients see 1006. This is the behaviour wsdrain is there to fix.

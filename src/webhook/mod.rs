@@ -168,22 +168,17 @@ fn default_sans(service: &str, namespace: &str) -> Vec<String> {
 }
 
 async fn stop_on_signal(stop: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(t), Ok(i)) => (t, i),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM/SIGINT");
-            return;
+    match crate::signals::Termination::install() {
+        Ok(termination) => {
+            let sig = termination.first().await;
+            tracing::info!(
+                signal = crate::signals::name(sig),
+                "finishing in-flight requests"
+            );
+            stop.cancel();
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: finishing in-flight requests"),
-        _ = int.recv() => tracing::info!("SIGINT: finishing in-flight requests"),
+        Err(e) => tracing::error!(error = %e, "cannot listen for SIGTERM/SIGINT"),
     }
-    stop.cancel();
 }
 
 /// Native sidecars are on by default from Kubernetes 1.29. Without a version we fall back
