@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build deps test unit e2e manifests demo bench lint fmt image-binary clean
+.PHONY: all build deps test unit demo bench bench-image lint fmt image-binary clean
 
 all: build
 
@@ -31,6 +31,10 @@ bench: deps
 	$(CARGO) bench --bench count
 	$(CARGO) bench --bench agent
 	$(CARGO) bench --bench webhook
+
+# The agent bench on the static musl binary the Dockerfile ships (fat LTO: ~9 min cold).
+bench-image: deps image-binary
+	WSDRAIN_BENCH_BIN=$$(bash scripts/image-binary.sh | tail -n 1) $(CARGO) bench --bench agent
 
 lint: deps
 	$(CARGO) fmt --check
