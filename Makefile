@@ -33,7 +33,7 @@ bench: deps
 	$(CARGO) bench --bench webhook
 
 # The agent bench on the static musl binary the Dockerfile ships (fat LTO: ~9 min cold).
-bench-image: deps image-binary
+bench-image: deps
 	WSDRAIN_BENCH_BIN=$$(bash scripts/image-binary.sh | tail -n 1) $(CARGO) bench --bench agent
 
 lint: deps
