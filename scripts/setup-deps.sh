@@ -10,6 +10,9 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 need_apt=()
 command -v haproxy >/dev/null || need_apt+=(haproxy)
 command -v ss >/dev/null || need_apt+=(iproute2)
+command -v ip >/dev/null || need_apt+=(iproute2)
+# nsenter (lab --netns) and setpriv (unprivileged counting/lab tests).
+{ command -v nsenter && command -v setpriv; } >/dev/null || need_apt+=(util-linux)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v node >/dev/null || need_apt+=(nodejs)
 command -v npm >/dev/null || need_apt+=(npm)
