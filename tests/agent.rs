@@ -432,38 +432,21 @@ fn oversized_and_garbage_requests_do_not_disturb_a_drain() {
 
 /// A "pod": the reference echo app and its agent on one loopback address.
 struct EchoPod {
-    ip: IpAddr,
     app: SocketAddr,
-    _echo: Proc,
+    _echo: common::EchoApp,
     agent: Agent,
 }
 
 impl EchoPod {
     fn start(agent_extra: &[&str]) -> EchoPod {
         let ip = pod_ip();
-        let app = SocketAddr::new(ip, free_port(ip));
-        let admin = SocketAddr::new(ip, free_port(ip));
-        let mut cmd = Command::new(wsdrain_bin());
-        cmd.args([
-            "echo",
-            "--listen",
-            &app.to_string(),
-            "--admin",
-            &admin.to_string(),
-        ])
-        .args(["--log-format", "text"]);
-        if std::env::var_os("WSDRAIN_TEST_LOGS").is_none() {
-            cmd.stderr(std::process::Stdio::null());
-        }
-        let echo = Proc::spawn("echo", &mut cmd);
-        wait_listening(app, Duration::from_secs(10));
-        wait_listening(admin, Duration::from_secs(10));
+        let echo = common::EchoApp::start(ip, &[]);
+        let (app, admin) = (echo.public, echo.admin);
         let url = format!("http://{admin}");
         let mut extra = vec!["--admin-url", url.as_str()];
         extra.extend_from_slice(agent_extra);
         let agent = Agent::start(ip, app.port(), &extra);
         EchoPod {
-            ip,
             app,
             _echo: echo,
             agent,
@@ -616,7 +599,6 @@ fn five_hundred_clients_get_1012_with_a_hint_paced_over_the_window() {
     );
     assert!(answered - t0 < Duration::from_secs(10));
     assert_eq!(pod.agent.metric("wsdrain_connections"), Some(0.0));
-    let _ = pod.ip;
 }
 
 /// Runs one of the external client scripts against a pod and drains it.

@@ -16,35 +16,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 const HINT: &str = r#"{"reconnect_after_ms":1200}"#;
 
-struct Echo {
-    proc: common::Proc,
-    public: SocketAddr,
-    admin: SocketAddr,
-}
-
-fn start_echo(extra: &[&str]) -> Echo {
-    let ip = common::pod_ip();
-    let public = SocketAddr::new(ip, common::free_port(ip));
-    let admin = SocketAddr::new(ip, common::free_port(ip));
-    let proc = common::Proc::spawn(
-        "echo",
-        Command::new(common::wsdrain_bin())
-            .args([
-                "echo",
-                "--listen",
-                &public.to_string(),
-                "--admin",
-                &admin.to_string(),
-            ])
-            .args(extra),
-    );
-    common::wait_listening(public, Duration::from_secs(10));
-    common::wait_listening(admin, Duration::from_secs(10));
-    Echo {
-        proc,
-        public,
-        admin,
-    }
+fn start_echo(extra: &[&str]) -> common::EchoApp {
+    common::EchoApp::start(common::pod_ip(), extra)
 }
 
 /// Blocking HTTP/1.1 POST with a body; returns (status, body).
@@ -346,7 +319,7 @@ fn run_client_script(
     program: &str,
     script: &str,
     extra: &[&str],
-    echo: &Echo,
+    echo: &common::EchoApp,
     count: u64,
 ) -> Value {
     let mut cmd = Command::new(program);

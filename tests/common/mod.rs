@@ -155,3 +155,33 @@ fn decode_chunked_if_needed(head: &str, body: String) -> String {
     }
     out
 }
+
+/// The reference app `wsdrain echo` on `ip`: public and admin ports picked free, both
+/// listening when this returns. Logs only with WSDRAIN_TEST_LOGS set.
+pub struct EchoApp {
+    pub proc: Proc,
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl EchoApp {
+    pub fn start(ip: IpAddr, extra: &[&str]) -> EchoApp {
+        let public = SocketAddr::new(ip, free_port(ip));
+        let admin = SocketAddr::new(ip, free_port(ip));
+        let mut cmd = Command::new(wsdrain_bin());
+        cmd.args(["echo", "--listen", &public.to_string()])
+            .args(["--admin", &admin.to_string(), "--log-format", "text"])
+            .args(extra);
+        if std::env::var_os("WSDRAIN_TEST_LOGS").is_none() {
+            cmd.stderr(Stdio::null());
+        }
+        let proc = Proc::spawn("echo", &mut cmd);
+        wait_listening(public, Duration::from_secs(10));
+        wait_listening(admin, Duration::from_secs(10));
+        EchoApp {
+            proc,
+            public,
+            admin,
+        }
+    }
+}
