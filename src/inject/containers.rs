@@ -187,7 +187,10 @@ pub fn wrap_command(plan: &AgentPlan, original: &[Value]) -> Value {
         .app_reserve
         .saturating_sub(std::time::Duration::from_secs(1))
         .max(std::time::Duration::from_secs(1));
-    cmd.push(json!(format!("--child-grace={}", format_duration(child_grace))));
+    cmd.push(json!(format!(
+        "--child-grace={}",
+        format_duration(child_grace)
+    )));
     cmd.push(json!("--pod-name=$(WSDRAIN_POD_NAME)"));
     cmd.push(json!("--pod-namespace=$(WSDRAIN_POD_NAMESPACE)"));
     cmd.push(json!("--"));

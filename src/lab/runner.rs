@@ -59,18 +59,6 @@ fn ip(net: [u8; 2], host: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, net[0], net[1], host))
 }
 
-fn free_ports<const N: usize>(ip: IpAddr) -> Result<[u16; N], LabError> {
-    // Hold all listeners until every port is known so they differ.
-    let mut ls = Vec::new();
-    let mut ports = [0u16; N];
-    for p in &mut ports {
-        let l = std::net::TcpListener::bind((ip, 0)).map_err(|e| LabError::io("bind", e))?;
-        *p = l.local_addr().map_err(|e| LabError::io("addr", e))?.port();
-        ls.push(l);
-    }
-    Ok(ports)
-}
-
 pub async fn run(cfg: &RunConfig) -> Result<Summary, LabError> {
     let epoch = Instant::now();
     let dir = RunDir::create(&cfg.run_id, cfg.keep_dir)?;
@@ -80,7 +68,11 @@ pub async fn run(cfg: &RunConfig) -> Result<Summary, LabError> {
         Some(_) => IpAddr::V4(netns::NODE_IP),
         None => ip(net, 1),
     };
-    let layout = ingress::layout(front_ip, free_ports(front_ip)?, dir.path.join("admin.sock"));
+    let layout = ingress::layout(
+        front_ip,
+        super::free_ports(front_ip)?,
+        dir.path.join("admin.sock"),
+    );
     let health = if cfg.template.agent_flags.is_some() {
         Health::Readyz
     } else {
