@@ -311,6 +311,43 @@ fn reset_all_gateway_resets_everyone_and_a_stable_tier_fixes_it() {
     assert_changes_keep_connections(&tiered);
 }
 
+/// Writes a scenario YAML for one test; removed when dropped.
+struct ScenarioFile(std::path::PathBuf);
+
+impl ScenarioFile {
+    fn new(name: &str, yaml: &str) -> ScenarioFile {
+        let path = std::env::temp_dir().join(format!("{}-{name}.yaml", new_run_id()));
+        std::fs::write(&path, yaml).expect("write scenario");
+        ScenarioFile(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().expect("utf-8 temp path")
+    }
+}
+
+impl Drop for ScenarioFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn the_tiered_gateway_resets_everyone_when_its_own_pool_changes() {
+    // Tiered zero resets are not by construction: the gateway applies reset-all to the
+    // tier, and a change of the tier resets every session.
+    let f = ScenarioFile::new(
+        "tier",
+        "name: tier\npods: 2\nsteps:\n  - clients: 10\n  - wait_ms: 300\n  - tier_change\n",
+    );
+    let s = lab(&[f.path(), "--ingress", "tiered"], LIMIT);
+    let ch = changes(&s);
+    assert_eq!(ch.len(), 2, "pods in, then the tier: {ch:?}");
+    assert_eq!(ch[1].open, 10, "{ch:?}");
+    assert_eq!(ch[1].reset, 10, "{ch:?}");
+    assert_eq!(n(&s, "clients_with_abnormal_close"), 10, "{s}");
+}
+
 #[test]
 fn paced_closes_keep_reconnects_near_the_planned_rate() {
     // A fixed hint of 0 ms isolates the agent's pacing from the hint's spread.

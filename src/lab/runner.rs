@@ -158,6 +158,10 @@ impl Run<'_> {
                 }
                 Step::Rolling => self.rolling().await?,
                 Step::WaitMs(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                Step::TierChange => {
+                    self.say("the stable tier changes (the gateway's own pool)");
+                    self.ingress.change_tier().await?;
+                }
             }
         }
         // Let every client come back (hints are at most a few seconds) and talk a bit.

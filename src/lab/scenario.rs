@@ -19,6 +19,8 @@ pub enum Step {
     Rolling,
     /// Let traffic flow for this many milliseconds.
     WaitMs(u64),
+    /// Tiered ingress only: take one tier listener out of the gateway's pool.
+    TierChange,
 }
 
 /// A step as written: `rolling` or a one-key map such as `{scale_to: 6}`.
@@ -35,6 +37,7 @@ impl TryFrom<RawStep> for Step {
     fn try_from(raw: RawStep) -> Result<Step, String> {
         let (key, value) = match raw {
             RawStep::Word(w) if w == "rolling" => return Ok(Step::Rolling),
+            RawStep::Word(w) if w == "tier_change" => return Ok(Step::TierChange),
             RawStep::Word(w) => return Err(format!("unknown step '{w}'")),
             RawStep::Map(m) if m.len() == 1 => m.into_iter().next().ok_or("empty step")?,
             RawStep::Map(_) => return Err("a step has exactly one key".into()),
@@ -46,7 +49,8 @@ impl TryFrom<RawStep> for Step {
             "scale_to" => Ok(Step::ScaleTo(n)),
             "wait_ms" => Ok(Step::WaitMs(value)),
             other => Err(format!(
-                "unknown step '{other}' (clients, ignoring_clients, scale_to, wait_ms, rolling)"
+                "unknown step '{other}' (clients, ignoring_clients, scale_to, wait_ms, rolling, \
+                 tier_change)"
             )),
         }
     }
