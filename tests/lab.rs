@@ -140,7 +140,10 @@ fn lab_as(run_id: &str, args: &[&str], limit: Duration) -> Value {
 fn n(v: &Value, path: &str) -> u64 {
     let mut cur = v;
     for k in path.split('.') {
-        cur = &cur[k];
+        cur = match k.parse::<usize>() {
+            Ok(i) => &cur[i],
+            Err(_) => &cur[k],
+        };
     }
     cur.as_u64()
         .unwrap_or_else(|| panic!("{path} missing in {v}"))
@@ -346,6 +349,43 @@ fn the_tiered_gateway_resets_everyone_when_its_own_pool_changes() {
     assert_eq!(ch[1].open, 10, "{ch:?}");
     assert_eq!(ch[1].reset, 10, "{ch:?}");
     assert_eq!(n(&s, "clients_with_abnormal_close"), 10, "{s}");
+}
+
+/// New clients keep arriving (one every 80 ms, 2 pods) while one of two pods is deleted.
+const ARRIVALS: &str = "name: arrivals\npods: 2\nsteps:\n  - clients: 10\n  - wait_ms: 300\n  \
+     - {arriving_clients: 40, every_ms: 80}\n  - wait_ms: 800\n  - scale_to: 1\n";
+
+#[test]
+fn a_settle_shorter_than_the_propagation_delay_lets_clients_land_on_a_closing_pod() {
+    let f = ScenarioFile::new("arrivals", ARRIVALS);
+    // The endpoint leaves the ingress at t0 + 1 s (--propagation), not when the agent's
+    // /readyz fails: a health check may not remove it earlier.
+    let short = lab(
+        &[f.path(), "--settle-min", "50ms", "--settle-quiet", "50ms"],
+        LIMIT,
+    );
+    assert_eq!(n(&short, "pods.0.endpoint_removed_ms") / 100, 10, "{short}");
+    assert!(
+        n(&short, "removed.last_opened_after_delete_ms") >= 500,
+        "the deleted pod left the ingress before the propagation delay: {short}"
+    );
+    // Its closes began at once, so some new clients came after them: closed twice.
+    assert!(
+        n(&short, "removed.opened_after_closes_began") > 0,
+        "no client landed on the pod after its closes began: {short}"
+    );
+    assert_eq!(n(&short, "abnormal_closes"), 0, "{short}");
+
+    // The default settle (quiet 300 ms > the 160 ms between a pod's new clients) lasts
+    // until the endpoint is gone: new clients still come until then, none after a close.
+    let default = lab(&[f.path()], LIMIT);
+    assert!(n(&default, "removed.opened_after_delete") > 0, "{default}");
+    assert_eq!(
+        n(&default, "removed.opened_after_closes_began"),
+        0,
+        "{default}"
+    );
+    assert_eq!(n(&default, "abnormal_closes"), 0, "{default}");
 }
 
 #[test]

@@ -209,8 +209,9 @@ impl Ingress {
         Ok(out)
     }
 
-    /// Puts endpoints into free slots (one pool change) and waits until HAProxy sees
-    /// them up. Returns the slot names (also the value of the pod header).
+    /// Puts endpoints into free slots (one pool change), waits until HAProxy's health
+    /// check sees them up, then stops checking them. Returns the slot names (also the
+    /// value of the pod header).
     pub async fn add(&self, endpoints: &[Endpoint]) -> Result<Vec<String>, LabError> {
         let mut names = Vec::new();
         {
@@ -237,6 +238,11 @@ impl Ingress {
         }
         for name in &names {
             self.wait_up(name, Duration::from_secs(5)).await?;
+            // The check only brings the pod up (scale-up waits for ready). In Kubernetes a
+            // terminating pod leaves an ingress when its endpoint change propagates, not
+            // when its readiness probe fails: removal is only `remove`, at t0 + propagation.
+            self.command(&format!("disable health {BACKEND}/{name}"))
+                .await?;
         }
         self.pool_changed(BACKEND).await?;
         Ok(names)

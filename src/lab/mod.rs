@@ -122,9 +122,10 @@ pub struct LabArgs {
     /// Agent --reconnect-after.
     #[arg(long, default_value = "0ms..2s")]
     pub reconnect_after: String,
-    /// Agent --settle-min.
-    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
-    pub settle_min: Duration,
+    /// Agent --settle-min [default: --propagation + 500ms]. Shorter than the propagation
+    /// delay, closed clients can reconnect to the closing pod.
+    #[arg(long, value_parser = parse_duration)]
+    pub settle_min: Option<Duration>,
     /// Agent --settle-quiet.
     #[arg(long, default_value = "300ms", value_parser = parse_duration)]
     pub settle_quiet: Duration,
@@ -162,12 +163,17 @@ impl LabArgs {
         mode: Mode,
         demo_run: Option<usize>,
     ) -> RunConfig {
+        // Settling outlasts the endpoint's propagation by default, as it should in a cluster.
+        let settle_min = self
+            .settle_min
+            .unwrap_or(self.propagation + Duration::from_millis(500));
+        let settle_max = settle_min.max(Duration::from_secs(3));
         let agent_flags = (agent == OnOff::On).then(|| {
             let mut f: Vec<String> = Vec::new();
             for (k, v) in [
-                ("--settle-min", format_duration(self.settle_min)),
+                ("--settle-min", format_duration(settle_min)),
                 ("--settle-quiet", format_duration(self.settle_quiet)),
-                ("--settle-max", "3s".to_owned()),
+                ("--settle-max", format_duration(settle_max)),
                 ("--close-window", format_duration(self.close_window)),
                 ("--close-tick", format_duration(self.close_tick)),
                 ("--reconnect-after", self.reconnect_after.clone()),

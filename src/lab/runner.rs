@@ -1,7 +1,7 @@
 //! Runs one scenario: ingress, pods and clients, the steps, then the summary.
 //! Everything started here is owned by `Run` and killed when it is dropped.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,9 @@ use super::netns::{self, PodNs};
 use super::pod::{Pod, PodReport, PodTemplate};
 use super::procs::RunDir;
 use super::pyclient::{PyClients, PyConfig};
-use super::report::{Summary, planned_peak, pool_changes, removed_per_pod, summarize};
+use super::report::{
+    Summary, late_arrivals, planned_peak, pool_changes, removed_per_pod, summarize,
+};
 use super::scenario::{Scenario, Step};
 
 #[derive(Debug, Clone)]
@@ -47,6 +49,10 @@ struct Run<'a> {
     rust_clients: usize,
     py_clients: usize,
     removed: BTreeSet<String>,
+    /// Slot of each deleted pod → its deletion time (ms from the run's start).
+    deleted: BTreeMap<String, u64>,
+    /// When the last `arriving_clients` client starts.
+    arrivals_end: Instant,
     reports: Vec<PodReport>,
 }
 
@@ -92,6 +98,8 @@ pub async fn run(cfg: &RunConfig) -> Result<Summary, LabError> {
         rust_clients: 0,
         py_clients: 0,
         removed: BTreeSet::new(),
+        deleted: BTreeMap::new(),
+        arrivals_end: epoch,
         reports: Vec::new(),
     };
     let result = run.steps().await;
@@ -116,6 +124,7 @@ pub async fn run(cfg: &RunConfig) -> Result<Summary, LabError> {
         ..Default::default()
     };
     summarize(&mut s, &records, &run.removed);
+    late_arrivals(&mut s.removed, &records, &run.deleted);
     s.pool_changes = pool_changes(&records, &run.ingress.change_times());
     if s.agent {
         s.planned_close_rate_per_s = Some(planned_peak(
@@ -148,6 +157,13 @@ impl Run<'_> {
         for step in self.cfg.scenario.steps.clone() {
             match step {
                 Step::Clients(n) => self.add_clients(n, false).await?,
+                Step::ArrivingClients { n, every_ms } => {
+                    let every = Duration::from_millis(every_ms);
+                    self.say(&format!("+{n} clients arriving, one every {every_ms} ms"));
+                    self.load.add_spaced(n, &self.opts(false), every);
+                    self.rust_clients += n;
+                    self.arrivals_end = self.arrivals_end.max(Instant::now() + every * n as u32);
+                }
                 Step::IgnoringClients(n) => self.add_clients(n, true).await?,
                 Step::ScaleTo(n) if n > self.pods.len() => {
                     self.scale_up(n - self.pods.len()).await?
@@ -166,6 +182,7 @@ impl Run<'_> {
         }
         // Let every client come back (hints are at most a few seconds) and talk a bit.
         self.say("waiting for clients to settle");
+        tokio::time::sleep_until(self.arrivals_end.into()).await;
         self.load
             .wait_connected(self.rust_clients, Duration::from_secs(10))
             .await;
@@ -268,9 +285,11 @@ impl Run<'_> {
             "deleting {} (kubelet termination)",
             names.join(", ")
         ));
+        let t0 = self.epoch.elapsed().as_millis() as u64;
         for p in &gone {
             if let Some(s) = &p.slot {
                 self.removed.insert(s.clone());
+                self.deleted.insert(s.clone(), t0);
             }
         }
         let t = &self.cfg.template;
