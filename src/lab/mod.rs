@@ -42,6 +42,8 @@ pub enum LabError {
     Scenario(String),
     #[error("netns: {0}")]
     Netns(String),
+    #[error("{0}")]
+    Usage(String),
 }
 
 /// N distinct ports free on `ip` right now. All listeners are held until every port is
@@ -267,7 +269,7 @@ pub fn check_run_id(id: &str) -> Result<(), LabError> {
     if ok {
         Ok(())
     } else {
-        Err(LabError::Scenario(format!(
+        Err(LabError::Usage(format!(
             "--run-id '{id}': use letters, digits and '-' (at most 64), the part after the \
              last '-' at most 12 long"
         )))
