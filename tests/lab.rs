@@ -296,6 +296,8 @@ fn reset_all_gateway_resets_everyone_and_a_stable_tier_fixes_it() {
             "{ch:?}"
         );
     }
+    // The gateway resets on changes of its own pool, the tier, which pods do not change
+    // (a tier change does reset: the_tiered_gateway_resets_everyone_when_its_own_pool_changes).
     let tiered = lab(&["seed", "--agent", "on", "--ingress", "tiered"], LIMIT);
     let removed = n(&tiered, "removed.connections");
     assert!(removed > 0, "{tiered}");
