@@ -7,18 +7,107 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use serde_json::Value;
+
+/// A fresh run id the lab will tag every process with (`--run-id`).
+fn new_run_id() -> String {
+    format!(
+        "wsdrain-lab-t{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+/// A running `wsdrain lab` and everything it may have started, all tagged with `run_id`.
+/// On Drop, also when the test panics (a timeout, a failed assert): SIGINT so the lab
+/// runs its own cleanup, SIGKILL if it has not exited after 5 s, then a sweep of every
+/// process still carrying the run id, its `--netns` namespaces and its temp dirs.
+struct LabRun {
+    p: common::Proc,
+    run_id: String,
+}
+
+impl LabRun {
+    fn spawn(run_id: &str, args: &[&str], stdout: Stdio) -> LabRun {
+        let mut cmd = Command::new(common::wsdrain_bin());
+        cmd.arg("lab")
+            .args(args)
+            .args(["--run-id", run_id])
+            .current_dir(common::repo_path(""))
+            .stdout(stdout)
+            .stderr(Stdio::piped());
+        LabRun {
+            p: common::Proc::spawn("lab", &mut cmd),
+            run_id: run_id.to_owned(),
+        }
+    }
+}
+
+impl Drop for LabRun {
+    fn drop(&mut self) {
+        // No expect/unwrap here: a panic while unwinding would abort the test binary.
+        if let Ok(None) = self.p.child.try_wait() {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.p.pid()), Signal::SIGINT);
+            let end = Instant::now() + Duration::from_secs(5);
+            while matches!(self.p.child.try_wait(), Ok(None)) && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.p.child.kill();
+            let _ = self.p.child.wait();
+        }
+        sweep(&self.run_id);
+    }
+}
+
+/// Kills every process tagged with `run_id`, deletes its namespaces and temp dirs.
+fn sweep(run_id: &str) {
+    // Bounded: a process may have been forking while we killed.
+    for _ in 0..3 {
+        let pids = pids_with(run_id);
+        if pids.is_empty() {
+            break;
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if nix::unistd::Uid::effective().is_root() {
+        let tag = run_id.rsplit('-').next().unwrap_or(run_id);
+        for ns in namespaces_with(&format!("wsdl-{tag}-")) {
+            let pids = Command::new("ip").args(["netns", "pids", &ns]).output();
+            let pids = pids.map(|o| o.stdout).unwrap_or_default();
+            for pid in String::from_utf8_lossy(&pids).split_whitespace() {
+                if let Ok(pid) = pid.parse() {
+                    let _ =
+                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+    }
+    // The run's dir, and a demo's `<id>-rN` ones.
+    if let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in dir.flatten() {
+            if e.file_name().to_string_lossy().starts_with(run_id) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
 
 /// Runs `wsdrain lab ARGS --json --quiet`, returns the summary; fails after `limit`.
 fn lab(args: &[&str], limit: Duration) -> Value {
-    let mut cmd = Command::new(common::wsdrain_bin());
-    cmd.arg("lab")
-        .args(args)
-        .args(["--json", "--quiet"])
-        .current_dir(common::repo_path(""))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut p = common::Proc::spawn("lab", &mut cmd);
+    lab_as(&new_run_id(), args, limit)
+}
+
+/// `lab` with a run id chosen by the caller.
+fn lab_as(run_id: &str, args: &[&str], limit: Duration) -> Value {
+    let mut args = args.to_vec();
+    args.extend(["--json", "--quiet"]);
+    let mut run = LabRun::spawn(run_id, &args, Stdio::piped());
     // Drain both pipes while the lab runs, so a chatty run cannot block on a full pipe.
     let read_all = |r: Option<Box<dyn Read + Send>>| {
         std::thread::spawn(move || {
@@ -29,16 +118,17 @@ fn lab(args: &[&str], limit: Duration) -> Value {
             s
         })
     };
-    let out = read_all(p.child.stdout.take().map(|o| Box::new(o) as _));
-    let err = read_all(p.child.stderr.take().map(|e| Box::new(e) as _));
-    let status = p.wait_timeout(limit);
-    // Killed on timeout by Proc's Drop; the pipes then close and the readers end.
+    let out = read_all(run.p.child.stdout.take().map(|o| Box::new(o) as _));
+    let err = read_all(run.p.child.stderr.take().map(|e| Box::new(e) as _));
+    let status = run.p.wait_timeout(limit);
+    // On timeout LabRun's Drop stops the lab and sweeps what it started.
     let status = status.unwrap_or_else(|| panic!("lab {args:?} did not finish in {limit:?}"));
     let out = out.join().unwrap_or_default();
     let err = err.join().unwrap_or_default();
     assert!(status.success(), "lab {args:?} failed: {status}\n{err}");
     let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
-    let run_id = v["run_id"].as_str().expect("run_id");
+    assert_eq!(v["run_id"], run_id, "the lab took the run id it was given");
+    // The lab's own cleanup, checked before the guard's sweep could hide a leak.
     assert_no_leftovers(run_id);
     assert!(
         !std::env::temp_dir().join(run_id).exists(),
@@ -50,7 +140,10 @@ fn lab(args: &[&str], limit: Duration) -> Value {
 fn n(v: &Value, path: &str) -> u64 {
     let mut cur = v;
     for k in path.split('.') {
-        cur = &cur[k];
+        cur = match k.parse::<usize>() {
+            Ok(i) => &cur[i],
+            Err(_) => &cur[k],
+        };
     }
     cur.as_u64()
         .unwrap_or_else(|| panic!("{path} missing in {v}"))
@@ -72,6 +165,14 @@ fn assert_no_leftovers(run_id: &str) {
     }
 }
 
+fn pids_with(needle: &str) -> Vec<i32> {
+    procs_with(needle)
+        .iter()
+        .filter_map(|p| p.split(':').next()?.parse().ok())
+        .collect()
+}
+
+/// "pid: command line" of every process with `needle` in its environment or command line.
 fn procs_with(needle: &str) -> Vec<String> {
     let mut found = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -195,6 +296,8 @@ fn reset_all_gateway_resets_everyone_and_a_stable_tier_fixes_it() {
             "{ch:?}"
         );
     }
+    // The gateway resets on changes of its own pool, the tier, which pods do not change
+    // (a tier change does reset: the_tiered_gateway_resets_everyone_when_its_own_pool_changes).
     let tiered = lab(&["seed", "--agent", "on", "--ingress", "tiered"], LIMIT);
     let removed = n(&tiered, "removed.connections");
     assert!(removed > 0, "{tiered}");
@@ -211,6 +314,80 @@ fn reset_all_gateway_resets_everyone_and_a_stable_tier_fixes_it() {
     );
     assert_eq!(n(&tiered, "messages_lost"), 0, "{tiered}");
     assert_changes_keep_connections(&tiered);
+}
+
+/// Writes a scenario YAML for one test; removed when dropped.
+struct ScenarioFile(std::path::PathBuf);
+
+impl ScenarioFile {
+    fn new(name: &str, yaml: &str) -> ScenarioFile {
+        let path = std::env::temp_dir().join(format!("{}-{name}.yaml", new_run_id()));
+        std::fs::write(&path, yaml).expect("write scenario");
+        ScenarioFile(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().expect("utf-8 temp path")
+    }
+}
+
+impl Drop for ScenarioFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn the_tiered_gateway_resets_everyone_when_its_own_pool_changes() {
+    // Tiered zero resets are not by construction: the gateway applies reset-all to the
+    // tier, and a change of the tier resets every session.
+    let f = ScenarioFile::new(
+        "tier",
+        "name: tier\npods: 2\nsteps:\n  - clients: 10\n  - wait_ms: 300\n  - tier_change\n",
+    );
+    let s = lab(&[f.path(), "--ingress", "tiered"], LIMIT);
+    let ch = changes(&s);
+    assert_eq!(ch.len(), 2, "pods in, then the tier: {ch:?}");
+    assert_eq!(ch[1].open, 10, "{ch:?}");
+    assert_eq!(ch[1].reset, 10, "{ch:?}");
+    assert_eq!(n(&s, "clients_with_abnormal_close"), 10, "{s}");
+}
+
+/// New clients keep arriving (one every 80 ms, 2 pods) while one of two pods is deleted.
+const ARRIVALS: &str = "name: arrivals\npods: 2\nsteps:\n  - clients: 10\n  - wait_ms: 300\n  \
+     - {arriving_clients: 40, every_ms: 80}\n  - wait_ms: 800\n  - scale_to: 1\n";
+
+#[test]
+fn a_settle_shorter_than_the_propagation_delay_lets_clients_land_on_a_closing_pod() {
+    let f = ScenarioFile::new("arrivals", ARRIVALS);
+    // The endpoint leaves the ingress at t0 + 1 s (--propagation), not when the agent's
+    // /readyz fails: a health check may not remove it earlier.
+    let short = lab(
+        &[f.path(), "--settle-min", "50ms", "--settle-quiet", "50ms"],
+        LIMIT,
+    );
+    assert_eq!(n(&short, "pods.0.endpoint_removed_ms") / 100, 10, "{short}");
+    assert!(
+        n(&short, "removed.last_opened_after_delete_ms") >= 500,
+        "the deleted pod left the ingress before the propagation delay: {short}"
+    );
+    // Its closes began at once, so some new clients came after them: closed twice.
+    assert!(
+        n(&short, "removed.opened_after_closes_began") > 0,
+        "no client landed on the pod after its closes began: {short}"
+    );
+    assert_eq!(n(&short, "abnormal_closes"), 0, "{short}");
+
+    // The default settle (quiet 300 ms > the 160 ms between a pod's new clients) lasts
+    // until the endpoint is gone: new clients still come until then, none after a close.
+    let default = lab(&[f.path()], LIMIT);
+    assert!(n(&default, "removed.opened_after_delete") > 0, "{default}");
+    assert_eq!(
+        n(&default, "removed.opened_after_closes_began"),
+        0,
+        "{default}"
+    );
+    assert_eq!(n(&default, "abnormal_closes"), 0, "{default}");
 }
 
 #[test]
@@ -306,23 +483,30 @@ fn own_app_via_app_placeholders() {
     assert_eq!(n(&s, "removed.abnormal"), 0, "{s}");
 }
 
+/// How `stop_after_scale_up` ends the lab.
+enum Stop {
+    /// Send this signal to the lab, which must exit with this code and leave nothing.
+    Signal(Signal, i32),
+    /// SIGKILL the process whose command line has this marker (the `--netns` inner lab):
+    /// the lab exits 1 and leaves nothing.
+    KillInner(&'static str),
+    /// SIGKILL the lab itself: its cleanup cannot run, so things are left until the
+    /// test's guard sweeps them.
+    KillLab,
+}
+
 /// Starts `wsdrain lab ARGS`, SIGINTs it once 6 pods are up, checks exit 130 and that
 /// no process or temp dir of the run remains. Returns the run id.
 fn interrupt_after_scale_up(args: &[&str]) -> String {
-    stop_after_scale_up(args, None)
+    stop_after_scale_up(args, Stop::Signal(Signal::SIGINT, 130))
 }
 
-/// As `interrupt_after_scale_up`; with `kill_inner`, SIGKILLs instead the `--netns`
-/// lab running inside the node namespace (a crash), and expects exit code 1.
-fn stop_after_scale_up(args: &[&str], kill_inner: Option<&str>) -> String {
-    let mut cmd = Command::new(common::wsdrain_bin());
-    cmd.arg("lab")
-        .args(args)
-        .current_dir(common::repo_path(""))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut p = common::Proc::spawn("lab", &mut cmd);
-    let stderr = p.child.stderr.take().expect("stderr");
+/// Starts `wsdrain lab ARGS`, stops it as `how` says once 6 pods are up, and checks
+/// that no process or temp dir of the run remains. Returns the run id.
+fn stop_after_scale_up(args: &[&str], how: Stop) -> String {
+    let run_id = new_run_id();
+    let mut run = LabRun::spawn(&run_id, args, Stdio::null());
+    let stderr = run.p.child.stderr.take().expect("stderr");
     // Lines arrive through a channel so every wait below is bounded in time.
     let (tx, lines) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -342,29 +526,45 @@ fn stop_after_scale_up(args: &[&str], kill_inner: Option<&str>) -> String {
     let first = std::iter::repeat_with(next_line)
         .find(|l| l.contains("run id"))
         .expect("run id line");
-    let run_id = first.split_whitespace().last().expect("run id").to_owned();
-    assert!(run_id.starts_with("wsdrain-lab-"), "{first}");
-    // Interrupt once pods, HAProxy and clients are all up.
+    assert!(first.ends_with(&run_id), "{first}");
+    // Stop it once pods, HAProxy and clients are all up.
     while !next_line().contains("scaled up: 6 pods") {}
     let found = procs_with(&run_id);
     assert!(!found.is_empty(), "nothing found to clean up");
-    let code = match kill_inner {
-        None => {
-            common::signal(p.pid(), nix::sys::signal::Signal::SIGINT);
-            130
+    let code = match how {
+        Stop::Signal(sig, code) => {
+            common::signal(run.p.pid(), sig);
+            Some(code)
         }
-        Some(marker) => {
+        Stop::KillInner(marker) => {
             let inner = found
                 .iter()
                 .find(|p| p.contains(marker))
                 .and_then(|p| p.split(':').next()?.parse().ok())
                 .unwrap_or_else(|| panic!("no process with {marker}: {found:?}"));
-            common::signal(inner, nix::sys::signal::Signal::SIGKILL);
-            1
+            common::signal(inner, Signal::SIGKILL);
+            Some(1)
+        }
+        Stop::KillLab => {
+            common::signal(run.p.pid(), Signal::SIGKILL);
+            None
         }
     };
-    let status = p.wait_timeout(Duration::from_secs(15)).expect("lab exits");
-    assert_eq!(status.code(), Some(code));
+    let status = run
+        .p
+        .wait_timeout(Duration::from_secs(15))
+        .expect("lab exits");
+    assert_eq!(status.code(), code, "{status}");
+    if code.is_none() {
+        // Nothing cleaned up after the lab: HAProxy, apps and agents still run.
+        std::thread::sleep(Duration::from_millis(300));
+        let left = procs_with(&run_id);
+        assert!(
+            left.iter().any(|p| p.contains("haproxy")),
+            "a SIGKILLed lab cannot have stopped its HAProxy: {left:?}"
+        );
+        drop(run);
+    }
     assert_no_leftovers(&run_id);
     assert!(
         !std::env::temp_dir().join(&run_id).exists(),
@@ -381,6 +581,33 @@ fn interrupted_lab_leaves_nothing_behind() {
         common::venv_python().display()
     );
     interrupt_after_scale_up(&["seed", "--app", &app]);
+}
+
+#[test]
+fn hung_up_lab_leaves_nothing_behind() {
+    // A closed terminal: SIGHUP stops the run like Ctrl-C (exit 128 + 1).
+    stop_after_scale_up(&["seed"], Stop::Signal(Signal::SIGHUP, 129));
+}
+
+#[test]
+fn a_lab_test_that_times_out_leaves_nothing_behind() {
+    // A limit far shorter than the run: the helper panics as a hung test would.
+    let run_id = new_run_id();
+    let id = run_id.clone();
+    let r = std::panic::catch_unwind(move || lab_as(&id, &["seed"], Duration::from_secs(3)));
+    let msg = r.expect_err("seed cannot finish in 3 s");
+    let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(msg.contains("did not finish"), "{msg}");
+    assert_no_leftovers(&run_id);
+    assert!(
+        !std::env::temp_dir().join(&run_id).exists(),
+        "temp dir left"
+    );
+}
+
+#[test]
+fn a_sigkilled_lab_is_swept_by_the_test_guard() {
+    stop_after_scale_up(&["seed"], Stop::KillLab);
 }
 
 /// `--netns` creates network namespaces: it needs root, and CI runs as root. Not root
@@ -464,7 +691,7 @@ fn netns_lab_whose_inner_part_crashes_leaves_nothing_behind() {
     require_root();
     // The pods' processes outlive the crashed inner lab: the outer sweep must find them
     // in the namespaces, kill them and delete the namespaces.
-    let run_id = stop_after_scale_up(&["seed", "--netns"], Some("--netns-inside"));
+    let run_id = stop_after_scale_up(&["seed", "--netns"], Stop::KillInner("--netns-inside"));
     let tag = run_id.rsplit('-').next().expect("tag");
     assert_eq!(
         namespaces_with(&format!("wsdl-{tag}")),

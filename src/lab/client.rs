@@ -90,10 +90,16 @@ impl Load {
     }
 
     pub fn add(&mut self, n: usize, opts: &ClientOpts) {
-        for _ in 0..n {
+        self.add_spaced(n, opts, Duration::ZERO);
+    }
+
+    /// Clients that arrive one by one, `every` apart, as new users keep coming.
+    pub fn add_spaced(&mut self, n: usize, opts: &ClientOpts, every: Duration) {
+        for i in 0..n {
             let id = self.tasks.len();
             let c = Client {
                 id,
+                start_after: every * i as u32,
                 opts: opts.clone(),
                 epoch: self.epoch,
                 stop: self.stop.subscribe(),
@@ -141,6 +147,8 @@ enum End {
 
 struct Client {
     id: usize,
+    /// Delay before the first connect.
+    start_after: Duration,
     opts: ClientOpts,
     epoch: Instant,
     stop: watch::Receiver<bool>,
@@ -163,6 +171,10 @@ impl Client {
         let mut down_since: Option<Instant> = None;
         let mut attempt = 0u32;
         let url = format!("ws://{}/", self.opts.front);
+        tokio::select! {
+            _ = tokio::time::sleep(self.start_after) => {}
+            _ = self.stop.changed() => {}
+        }
         while !*self.stop.borrow() {
             let mut rec = ConnRecord {
                 client: self.id,

@@ -6,7 +6,8 @@
 //! - `reset-all`: every pool change resets every session (Azure Application Gateway):
 //!   `shutdown sessions server` on every slot after each change.
 //! - `tiered`: a `reset-all` gateway whose pool is a stable `keep` proxy tier that holds
-//!   the pods; the gateway's pool never changes, so nothing is reset.
+//!   the pods. The gateway applies the reset-all rule to its own pool (the tier), which
+//!   pods coming and going do not change; a change of the tier itself resets everyone.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -24,6 +25,8 @@ pub const SLOTS: usize = 16;
 /// Response header naming the pod (slot) that serves a connection.
 pub const POD_HEADER: &str = "x-lab-pod";
 const BACKEND: &str = "pods";
+/// The tiered gateway's backend: the stable proxy tier.
+const TIER: &str = "tier";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -72,10 +75,10 @@ pub fn config(mode: Mode, health: Health, layout: &Layout) -> String {
     );
     let pods_front = if mode == Mode::Tiered {
         c.push_str(&format!(
-            "frontend gateway\n  bind {}\n  default_backend tier\n\n",
+            "frontend gateway\n  bind {}\n  default_backend {TIER}\n\n",
             layout.front
         ));
-        c.push_str("backend tier\n  balance roundrobin\n");
+        c.push_str(&format!("backend {TIER}\n  balance roundrobin\n"));
         for (i, addr) in layout.tier.iter().enumerate() {
             c.push_str(&format!("  server t{i} {addr} check inter 200ms\n"));
         }
@@ -117,6 +120,8 @@ pub struct Ingress {
     _proc: Child,
     /// Slots handed out so far (never reused within a run).
     used: Mutex<usize>,
+    /// Tier listeners (tiered mode): the gateway's servers `t0`, `t1`, ...
+    tier: usize,
     /// The run's clock (the clients' too), for `changes`.
     epoch: Instant,
     /// When each pool change took effect, in ms from `epoch` (before any reset it causes).
@@ -144,6 +149,11 @@ impl Ingress {
             socket: layout.socket,
             _proc: proc,
             used: Mutex::new(0),
+            tier: if mode == Mode::Tiered {
+                layout.tier.len()
+            } else {
+                0
+            },
             epoch,
             changes: Default::default(),
         };
@@ -199,8 +209,9 @@ impl Ingress {
         Ok(out)
     }
 
-    /// Puts endpoints into free slots (one pool change) and waits until HAProxy sees
-    /// them up. Returns the slot names (also the value of the pod header).
+    /// Puts endpoints into free slots (one pool change), waits until HAProxy's health
+    /// check sees them up, then stops checking them. Returns the slot names (also the
+    /// value of the pod header).
     pub async fn add(&self, endpoints: &[Endpoint]) -> Result<Vec<String>, LabError> {
         let mut names = Vec::new();
         {
@@ -227,8 +238,13 @@ impl Ingress {
         }
         for name in &names {
             self.wait_up(name, Duration::from_secs(5)).await?;
+            // The check only brings the pod up (scale-up waits for ready). In Kubernetes a
+            // terminating pod leaves an ingress when its endpoint change propagates, not
+            // when its readiness probe fails: removal is only `remove`, at t0 + propagation.
+            self.command(&format!("disable health {BACKEND}/{name}"))
+                .await?;
         }
-        self.pool_changed().await?;
+        self.pool_changed(BACKEND).await?;
         Ok(names)
     }
 
@@ -237,7 +253,19 @@ impl Ingress {
     pub async fn remove(&self, name: &str) -> Result<(), LabError> {
         self.command(&format!("set server {BACKEND}/{name} state maint"))
             .await?;
-        self.pool_changed().await
+        self.pool_changed(BACKEND).await
+    }
+
+    /// Tiered mode: takes the last tier listener out of the gateway's pool, as when the
+    /// stable tier itself is rolled. That is a change of the gateway's own pool.
+    pub async fn change_tier(&self) -> Result<(), LabError> {
+        let last = self
+            .tier
+            .checked_sub(1)
+            .ok_or_else(|| LabError::Ingress("tier_change needs --ingress tiered".into()))?;
+        self.command(&format!("set server {TIER}/t{last} state maint"))
+            .await?;
+        self.pool_changed(TIER).await
     }
 
     /// Times of the pool changes so far (ms from the run's epoch).
@@ -245,16 +273,21 @@ impl Ingress {
         self.changes.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
-    async fn pool_changed(&self) -> Result<(), LabError> {
+    /// A change of `backend`'s pool. The reset-all gateway resets every session of its
+    /// own pool when that changes: the pods in `reset-all` mode, the tier in `tiered`.
+    async fn pool_changed(&self, backend: &str) -> Result<(), LabError> {
         if let Ok(mut c) = self.changes.lock() {
             c.push(self.epoch.elapsed().as_millis() as u64);
         }
-        if self.mode != Mode::ResetAll {
-            return Ok(());
-        }
-        let used = *self.used.lock().await;
-        for i in 0..used {
-            self.command(&format!("shutdown sessions server {BACKEND}/s{i}"))
+        let servers: Vec<String> = match (self.mode, backend) {
+            (Mode::ResetAll, BACKEND) => (0..*self.used.lock().await)
+                .map(|i| format!("s{i}"))
+                .collect(),
+            (Mode::Tiered, TIER) => (0..self.tier).map(|i| format!("t{i}")).collect(),
+            _ => return Ok(()),
+        };
+        for srv in servers {
+            self.command(&format!("shutdown sessions server {backend}/{srv}"))
                 .await?;
         }
         Ok(())

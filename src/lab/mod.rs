@@ -42,6 +42,21 @@ pub enum LabError {
     Scenario(String),
     #[error("netns: {0}")]
     Netns(String),
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// N distinct ports free on `ip` right now. All listeners are held until every port is
+/// known, so the ports differ.
+pub fn free_ports<const N: usize>(ip: std::net::IpAddr) -> Result<[u16; N], LabError> {
+    let mut held = Vec::new();
+    let mut ports = [0u16; N];
+    for p in &mut ports {
+        let l = std::net::TcpListener::bind((ip, 0)).map_err(|e| LabError::io("bind", e))?;
+        *p = l.local_addr().map_err(|e| LabError::io("addr", e))?.port();
+        held.push(l);
+    }
+    Ok(ports)
 }
 
 impl LabError {
@@ -109,9 +124,10 @@ pub struct LabArgs {
     /// Agent --reconnect-after.
     #[arg(long, default_value = "0ms..2s")]
     pub reconnect_after: String,
-    /// Agent --settle-min.
-    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
-    pub settle_min: Duration,
+    /// Agent --settle-min [default: --propagation + 500ms]. Shorter than the propagation
+    /// delay, closed clients can reconnect to the closing pod.
+    #[arg(long, value_parser = parse_duration)]
+    pub settle_min: Option<Duration>,
     /// Agent --settle-quiet.
     #[arg(long, default_value = "300ms", value_parser = parse_duration)]
     pub settle_quiet: Duration,
@@ -131,19 +147,35 @@ pub struct LabArgs {
     /// HAProxy and clients in a "node" namespace; all removed at the end.
     #[arg(long)]
     pub netns: bool,
+    /// Tag every process of the run with this id (default: a new one), e.g. so a test
+    /// harness can sweep them; the `demo` runs get `<id>-r<N>`.
+    #[arg(long, env = "WSDRAIN_LAB_RUN_ID", value_name = "ID")]
+    pub run_id: Option<String>,
     /// Internal: this process already runs in the node namespace of run id ID.
     #[arg(long, hide = true, value_name = "ID")]
     pub netns_inside: Option<String>,
 }
 
 impl LabArgs {
-    fn config(&self, scenario: Scenario, agent: OnOff, mode: Mode) -> RunConfig {
+    /// `demo`: the number of the run within it, for a run id of its own.
+    fn config(
+        &self,
+        scenario: Scenario,
+        agent: OnOff,
+        mode: Mode,
+        demo_run: Option<usize>,
+    ) -> RunConfig {
+        // Settling outlasts the endpoint's propagation by default, as it should in a cluster.
+        let settle_min = self
+            .settle_min
+            .unwrap_or(self.propagation + Duration::from_millis(500));
+        let settle_max = settle_min.max(Duration::from_secs(3));
         let agent_flags = (agent == OnOff::On).then(|| {
             let mut f: Vec<String> = Vec::new();
             for (k, v) in [
-                ("--settle-min", format_duration(self.settle_min)),
+                ("--settle-min", format_duration(settle_min)),
                 ("--settle-quiet", format_duration(self.settle_quiet)),
-                ("--settle-max", "3s".to_owned()),
+                ("--settle-max", format_duration(settle_max)),
                 ("--close-window", format_duration(self.close_window)),
                 ("--close-tick", format_duration(self.close_tick)),
                 ("--reconnect-after", self.reconnect_after.clone()),
@@ -180,14 +212,16 @@ impl LabArgs {
             interval: self.interval,
             close_window: self.close_window,
             close_tick: self.close_tick,
-            // The outer `--netns` process chose the id (it sweeps by it); a demo's
-            // later runs take new ones.
-            run_id: self
-                .netns_inside
-                .as_ref()
-                .filter(|_| self.scenario != "demo")
-                .cloned()
-                .unwrap_or_else(procs::new_run_id),
+            // The outer `--netns` process or the caller chose the id (and may sweep by
+            // it); each demo run extends it, so every process still carries it.
+            run_id: {
+                let base = self.netns_inside.as_ref().or(self.run_id.as_ref()).cloned();
+                match (base, demo_run) {
+                    (Some(id), None) => id,
+                    (Some(id), Some(i)) => format!("{id}-r{i}"),
+                    (None, _) => procs::new_run_id(),
+                }
+            },
             netns: self
                 .netns_inside
                 .as_deref()
@@ -200,23 +234,45 @@ impl LabArgs {
 }
 
 pub async fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
+    if let Some(id) = &args.run_id {
+        check_run_id(id)?;
+    }
     if args.netns && args.netns_inside.is_none() {
         // Creates the namespaces and runs this command again inside the node one.
-        return netns::run_outer(args.keep_dir, args.quiet).await;
+        return netns::run_outer(args.run_id.clone(), args.keep_dir, args.quiet).await;
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    // On Ctrl-C or SIGTERM the run's future is dropped: every child's process group is
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    // SIGHUP: the terminal was closed.
+    let mut hup = signal(SignalKind::hangup())?;
+    // On any of them the run's future is dropped: every child's process group is
     // SIGKILLed and the temp dir removed by their Drop.
-    tokio::select! {
-        r = run_inner(&args) => r,
-        _ = tokio::signal::ctrl_c() => {
-            eprintln!("wsdrain lab: interrupted, everything started was stopped");
-            Ok(ExitCode::from(130))
-        }
-        _ = term.recv() => {
-            eprintln!("wsdrain lab: terminated, everything started was stopped");
-            Ok(ExitCode::from(143))
-        }
+    let (what, code) = tokio::select! {
+        r = run_inner(&args) => return r,
+        _ = int.recv() => ("interrupted", 130),
+        _ = term.recv() => ("terminated", 143),
+        _ = hup.recv() => ("hung up", 129),
+    };
+    eprintln!("wsdrain lab: {what}, everything started was stopped");
+    Ok(ExitCode::from(code))
+}
+
+/// A `--run-id` names the temp dir and (its last `-` part) the `--netns` namespaces.
+pub fn check_run_id(id: &str) -> Result<(), LabError> {
+    let tag = netns::tag_of(id);
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && !tag.is_empty()
+        && tag.len() <= 12;
+    if ok {
+        Ok(())
+    } else {
+        Err(LabError::Usage(format!(
+            "--run-id '{id}': use letters, digits and '-' (at most 64), the part after the \
+             last '-' at most 12 long"
+        )))
     }
 }
 
@@ -228,7 +284,7 @@ async fn run_inner(args: &LabArgs) -> anyhow::Result<ExitCode> {
     if let Some(n) = args.clients {
         scenario = scenario.with_clients(n);
     }
-    let cfg = args.config(scenario, args.agent, args.ingress);
+    let cfg = args.config(scenario, args.agent, args.ingress, None);
     if !args.quiet {
         eprintln!(
             "wsdrain lab {}: agent {:?}, ingress {:?}, run id {}",
@@ -260,7 +316,7 @@ async fn demo(args: &LabArgs) -> anyhow::Result<ExitCode> {
         if let Some(n) = args.clients {
             scenario = scenario.with_clients(n);
         }
-        let cfg = args.config(scenario, *agent, *mode);
+        let cfg = args.config(scenario, *agent, *mode, Some(i + 1));
         eprintln!("[{}/{}] seed: {label}", i + 1, runs.len());
         let s = runner::run(&cfg).await?;
         summaries.push(s.clone());
@@ -272,4 +328,17 @@ async fn demo(args: &LabArgs) -> anyhow::Result<ExitCode> {
         println!("\n{}", report::table(&rows));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids_are_path_and_namespace_safe() {
+        assert!(check_run_id("wsdrain-lab-t42-0a1b2c3d").is_ok());
+        for bad in ["", "a/b", "x-", "../etc", "wsdrain-lab-1-0123456789abc"] {
+            assert!(check_run_id(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -247,10 +247,15 @@ pub fn lab_namespaces(tag: &str) -> Vec<String> {
 }
 
 /// The outer `wsdrain lab --netns`: creates the node namespace, re-runs this very
-/// command inside it with `--netns-inside <run id>`, passes signals on, cleans up.
-pub async fn run_outer(keep_dir: bool, quiet: bool) -> anyhow::Result<ExitCode> {
+/// command inside it with `--netns-inside <run id>`, passes signals (INT, TERM, HUP) on,
+/// cleans up.
+pub async fn run_outer(
+    run_id: Option<String>,
+    keep_dir: bool,
+    quiet: bool,
+) -> anyhow::Result<ExitCode> {
     check()?;
-    let run_id = super::procs::new_run_id();
+    let run_id = run_id.unwrap_or_else(super::procs::new_run_id);
     let tag = tag_of(&run_id).to_owned();
     let run_dir = (!keep_dir).then(|| std::env::temp_dir().join(&run_id));
     let mut sweep = Sweep::new(&tag, run_dir);
@@ -274,11 +279,13 @@ pub async fn run_outer(keep_dir: bool, quiet: bool) -> anyhow::Result<ExitCode> 
     use tokio::signal::unix::{SignalKind, signal};
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let inner = Child::adopt("lab (node namespace)", cmd.spawn()?)?;
     let (status, code) = tokio::select! {
         s = inner.wait(Duration::MAX) => (s, None),
         _ = int.recv() => (stop(&inner, Signal::SIGINT).await, Some(130)),
         _ = term.recv() => (stop(&inner, Signal::SIGTERM).await, Some(143)),
+        _ = hup.recv() => (stop(&inner, Signal::SIGHUP).await, Some(129)),
     };
     drop(inner);
     sweep.sweep();

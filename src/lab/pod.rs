@@ -1,20 +1,22 @@
 //! A lab pod: the app and (optionally) the agent sharing one loopback address, as
 //! containers share a pod's network namespace; and its kubelet-faithful termination.
 
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::Empty;
 use nix::sys::signal::Signal;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::LabError;
 use super::ingress::{Endpoint, Ingress};
 use super::kubelet::{Action, ContainerSpec, Event, Kind, PodSpec, Termination};
 use super::netns::{self, PodNs};
 use super::procs::Child;
+use super::{LabError, free_ports};
+use crate::http1::{self, read_limited};
 
 /// How the agent runs next to the app.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -66,13 +68,6 @@ pub struct PodReport {
     pub total_ms: u64,
 }
 
-fn free_port(ip: IpAddr) -> Result<u16, LabError> {
-    let l = TcpListener::bind(SocketAddr::new(ip, 0)).map_err(|e| LabError::io("bind", e))?;
-    l.local_addr()
-        .map(|a| a.port())
-        .map_err(|e| LabError::io("local addr", e))
-}
-
 /// Fills `{ip}`, `{port}` and `{admin_port}` of a user's app command.
 pub fn fill_app_cmd(cmd: &str, ip: IpAddr, port: u16, admin_port: u16) -> String {
     cmd.replace("{ip}", &ip.to_string())
@@ -91,9 +86,9 @@ impl Pod {
         dir: &Path,
         run_id: &str,
     ) -> Result<Pod, LabError> {
-        let (app_port, admin_port) = match ns {
-            Some(_) => (netns::APP_PORT, netns::ADMIN_PORT),
-            None => (free_port(ip)?, free_port(ip)?),
+        let [app_port, admin_port, agent_port] = match ns {
+            Some(_) => [netns::APP_PORT, netns::ADMIN_PORT, netns::AGENT_PORT],
+            None => free_ports(ip)?,
         };
         // In its own namespace the app listens on all addresses, as in a pod, and the agent
         // reaches the admin API on the pod's loopback; `{ip}` of --app is then 0.0.0.0.
@@ -134,23 +129,16 @@ impl Pod {
             None => (None, None),
             Some(flags) => {
                 let mut c = command(t.wsdrain.as_os_str());
-                let port = match ns {
+                match ns {
                     // As in a real pod: the namespace isolates the count, the hook comes
                     // from the node (the kubelet's HOST_IP).
                     Some(_) => {
-                        c.args([
-                            "agent",
-                            "--listen",
-                            &format!("0.0.0.0:{}", netns::AGENT_PORT),
-                        ])
-                        .args(["--trigger-from", &netns::NODE_IP.to_string()]);
-                        netns::AGENT_PORT
+                        c.args(["agent", "--listen", &format!("0.0.0.0:{agent_port}")])
+                            .args(["--trigger-from", &netns::NODE_IP.to_string()]);
                     }
                     None => {
-                        let port = free_port(ip)?;
-                        c.args(["agent", "--listen", &format!("{ip}:{port}")])
+                        c.args(["agent", "--listen", &format!("{ip}:{agent_port}")])
                             .args(["--address", &ip.to_string()]);
-                        port
                     }
                 };
                 c.args(["--ports", &app_port.to_string()])
@@ -164,7 +152,7 @@ impl Pod {
                     .env_remove("POD_NAMESPACE");
                 let log = dir.join(format!("{name}-agent.log"));
                 let child = Child::spawn(&format!("{name}/agent"), c, run_id, &log)?;
-                (Some(child), Some(port))
+                (Some(child), Some(agent_port))
             }
         };
         Ok(Pod {
@@ -352,48 +340,26 @@ impl Pod {
     }
 }
 
-/// A plain HTTP/1.1 GET without timeout (callers add one when they want it).
-pub async fn http_get(addr: SocketAddr, path: &str, agent: &str) -> std::io::Result<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: {agent}\r\nConnection: close\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await?;
-    let mut buf = Vec::new();
-    // Bounded: a hook answer is small.
-    s.take(1 << 20).read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other("no HTTP status line"))?;
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    Ok((status, body))
-}
-
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, tail)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        let (Some(chunk), Some(after)) = (tail.get(..n), tail.get(n..)) else {
-            break;
-        };
-        if n == 0 {
-            break;
-        }
-        out.push_str(chunk);
-        rest = after.trim_start_matches("\r\n");
-    }
-    out
+/// An HTTP GET through the shared client, without timeout (callers add one when they
+/// want it): the status and the body (at most 1 MiB: a hook answer is small).
+pub async fn http_get(addr: SocketAddr, path: &str, agent: &str) -> Result<(u16, String), String> {
+    let uri: hyper::Uri = format!("http://{addr}")
+        .parse()
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let ep = http1::Endpoint::parse(&uri).map_err(str::to_owned)?;
+    let stream = ep.connect().await.map_err(|e| e.to_string())?;
+    let (mut sender, _conn) = http1::handshake(stream).await.map_err(|e| e.to_string())?;
+    let req = hyper::Request::get(ep.target(path))
+        .header(hyper::header::HOST, ep.authority.as_str())
+        .header(hyper::header::USER_AGENT, agent)
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let (body, _complete) = read_limited(resp.into_body(), 1 << 20)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 #[cfg(test)]
@@ -412,10 +378,5 @@ mod tests {
             ),
             "app --bind 127.3.4.5:80 --admin 127.3.4.5:81"
         );
-    }
-
-    #[test]
-    fn dechunks() {
-        assert_eq!(dechunk("5\r\nhello\r\n1\r\n!\r\n0\r\n\r\n"), "hello!");
     }
 }

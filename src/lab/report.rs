@@ -19,6 +19,14 @@ pub struct Removed {
     pub clean_1012_with_hint: usize,
     /// Whose client's next connection landed on a pod that stays.
     pub reconnected_to_survivor: usize,
+    /// Connections a removed pod accepted after its deletion (t0): the ingress sends new
+    /// clients there until the endpoint removal has propagated.
+    pub opened_after_delete: usize,
+    /// Of those, opened after the pod had begun closing sessions (its first close
+    /// frame): a settle phase that ended before the endpoint left the ingress.
+    pub opened_after_closes_began: usize,
+    /// The latest of them, in ms after the deletion.
+    pub last_opened_after_delete_ms: Option<u64>,
 }
 
 /// Time after a pool change within which a reset counts as caused by it; a connection
@@ -157,6 +165,34 @@ pub fn summarize(s: &mut Summary, records: &[ConnRecord], removed_slots: &BTreeS
     s.removed = removed;
 }
 
+/// Fills the `opened_after_*` figures of `removed` from the records; `deleted` maps each
+/// removed slot to its deletion time (ms from the run's start).
+pub fn late_arrivals(
+    removed: &mut Removed,
+    records: &[ConnRecord],
+    deleted: &BTreeMap<String, u64>,
+) {
+    for (slot, &t0) in deleted {
+        let on_slot = || records.iter().filter(|r| r.pod.as_deref() == Some(slot));
+        let closes_began = on_slot()
+            .filter(|r| r.code.is_some() && !r.by_client)
+            .map(|r| r.ended_ms)
+            .min();
+        for r in on_slot().filter(|r| r.opened_ms >= t0) {
+            removed.opened_after_delete += 1;
+            if closes_began.is_some_and(|c| r.opened_ms > c) {
+                removed.opened_after_closes_began += 1;
+            }
+            let after = r.opened_ms - t0;
+            removed.last_opened_after_delete_ms = Some(
+                removed
+                    .last_opened_after_delete_ms
+                    .map_or(after, |m| m.max(after)),
+            );
+        }
+    }
+}
+
 /// For each pool change time, the connections open then and what became of them
 /// (`open - reset - kept` ended otherwise: a close frame that happened to come first).
 pub fn pool_changes(records: &[ConnRecord], times: &[u64]) -> Vec<PoolChange> {
@@ -275,6 +311,25 @@ mod tests {
     }
 
     #[test]
+    fn late_arrivals_count_opens_after_deletion_and_after_the_first_close() {
+        let mut closed = rec(1, "s1", 100, Some(1012));
+        closed.ended_ms = 1200;
+        let records = vec![
+            closed,
+            rec(2, "s1", 900, None),  // before the deletion at 1000
+            rec(3, "s1", 1100, None), // after it, before the first close
+            rec(4, "s1", 1500, None), // after the first close (1200)
+            rec(5, "s0", 1600, None), // a survivor
+        ];
+        let deleted = BTreeMap::from([("s1".to_owned(), 1000)]);
+        let mut r = Removed::default();
+        late_arrivals(&mut r, &records, &deleted);
+        assert_eq!(r.opened_after_delete, 2);
+        assert_eq!(r.opened_after_closes_began, 1);
+        assert_eq!(r.last_opened_after_delete_ms, Some(500));
+    }
+
+    #[test]
     fn percentiles_use_nearest_rank() {
         let v: Vec<u64> = (1..=100).collect();
         assert_eq!(percentile(&v, 0.5), Some(50));
@@ -315,7 +370,8 @@ mod tests {
                 connections: 2,
                 abnormal: 1,
                 clean_1012_with_hint: 1,
-                reconnected_to_survivor: 1
+                reconnected_to_survivor: 1,
+                ..Default::default()
             }
         );
         assert_eq!(s.reconnect_p50_ms, Some(200));

@@ -1,7 +1,7 @@
 //! Runs one scenario: ingress, pods and clients, the steps, then the summary.
 //! Everything started here is owned by `Run` and killed when it is dropped.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,9 @@ use super::netns::{self, PodNs};
 use super::pod::{Pod, PodReport, PodTemplate};
 use super::procs::RunDir;
 use super::pyclient::{PyClients, PyConfig};
-use super::report::{Summary, planned_peak, pool_changes, removed_per_pod, summarize};
+use super::report::{
+    Summary, late_arrivals, planned_peak, pool_changes, removed_per_pod, summarize,
+};
 use super::scenario::{Scenario, Step};
 
 #[derive(Debug, Clone)]
@@ -47,6 +49,10 @@ struct Run<'a> {
     rust_clients: usize,
     py_clients: usize,
     removed: BTreeSet<String>,
+    /// Slot of each deleted pod → its deletion time (ms from the run's start).
+    deleted: BTreeMap<String, u64>,
+    /// When the last `arriving_clients` client starts.
+    arrivals_end: Instant,
     reports: Vec<PodReport>,
 }
 
@@ -59,18 +65,6 @@ fn ip(net: [u8; 2], host: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, net[0], net[1], host))
 }
 
-fn free_ports<const N: usize>(ip: IpAddr) -> Result<[u16; N], LabError> {
-    // Hold all listeners until every port is known so they differ.
-    let mut ls = Vec::new();
-    let mut ports = [0u16; N];
-    for p in &mut ports {
-        let l = std::net::TcpListener::bind((ip, 0)).map_err(|e| LabError::io("bind", e))?;
-        *p = l.local_addr().map_err(|e| LabError::io("addr", e))?.port();
-        ls.push(l);
-    }
-    Ok(ports)
-}
-
 pub async fn run(cfg: &RunConfig) -> Result<Summary, LabError> {
     let epoch = Instant::now();
     let dir = RunDir::create(&cfg.run_id, cfg.keep_dir)?;
@@ -80,7 +74,11 @@ pub async fn run(cfg: &RunConfig) -> Result<Summary, LabError> {
         Some(_) => IpAddr::V4(netns::NODE_IP),
         None => ip(net, 1),
     };
-    let layout = ingress::layout(front_ip, free_ports(front_ip)?, dir.path.join("admin.sock"));
+    let layout = ingress::layout(
+        front_ip,
+        super::free_ports(front_ip)?,
+        dir.path.join("admin.sock"),
+    );
     let health = if cfg.template.agent_flags.is_some() {
         Health::Readyz
     } else {
@@ -100,6 +98,8 @@ pub async fn run(cfg: &RunConfig) -> Result<Summary, LabError> {
         rust_clients: 0,
         py_clients: 0,
         removed: BTreeSet::new(),
+        deleted: BTreeMap::new(),
+        arrivals_end: epoch,
         reports: Vec::new(),
     };
     let result = run.steps().await;
@@ -124,6 +124,7 @@ pub async fn run(cfg: &RunConfig) -> Result<Summary, LabError> {
         ..Default::default()
     };
     summarize(&mut s, &records, &run.removed);
+    late_arrivals(&mut s.removed, &records, &run.deleted);
     s.pool_changes = pool_changes(&records, &run.ingress.change_times());
     if s.agent {
         s.planned_close_rate_per_s = Some(planned_peak(
@@ -156,6 +157,13 @@ impl Run<'_> {
         for step in self.cfg.scenario.steps.clone() {
             match step {
                 Step::Clients(n) => self.add_clients(n, false).await?,
+                Step::ArrivingClients { n, every_ms } => {
+                    let every = Duration::from_millis(every_ms);
+                    self.say(&format!("+{n} clients arriving, one every {every_ms} ms"));
+                    self.load.add_spaced(n, &self.opts(false), every);
+                    self.rust_clients += n;
+                    self.arrivals_end = self.arrivals_end.max(Instant::now() + every * n as u32);
+                }
                 Step::IgnoringClients(n) => self.add_clients(n, true).await?,
                 Step::ScaleTo(n) if n > self.pods.len() => {
                     self.scale_up(n - self.pods.len()).await?
@@ -166,10 +174,15 @@ impl Run<'_> {
                 }
                 Step::Rolling => self.rolling().await?,
                 Step::WaitMs(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                Step::TierChange => {
+                    self.say("the stable tier changes (the gateway's own pool)");
+                    self.ingress.change_tier().await?;
+                }
             }
         }
         // Let every client come back (hints are at most a few seconds) and talk a bit.
         self.say("waiting for clients to settle");
+        tokio::time::sleep_until(self.arrivals_end.into()).await;
         self.load
             .wait_connected(self.rust_clients, Duration::from_secs(10))
             .await;
@@ -272,9 +285,11 @@ impl Run<'_> {
             "deleting {} (kubelet termination)",
             names.join(", ")
         ));
+        let t0 = self.epoch.elapsed().as_millis() as u64;
         for p in &gone {
             if let Some(s) = &p.slot {
                 self.removed.insert(s.clone());
+                self.deleted.insert(s.clone(), t0);
             }
         }
         let t = &self.cfg.template;

@@ -11,6 +11,8 @@ use super::LabError;
 pub enum Step {
     /// Start this many clients and wait until they are connected.
     Clients(usize),
+    /// Clients that arrive one by one, `every_ms` apart, while the next steps run.
+    ArrivingClients { n: usize, every_ms: u64 },
     /// Clients that never answer a close frame.
     IgnoringClients(usize),
     /// Add pods (endpoints join once ready) or delete the newest ones (concurrently).
@@ -19,6 +21,8 @@ pub enum Step {
     Rolling,
     /// Let traffic flow for this many milliseconds.
     WaitMs(u64),
+    /// Tiered ingress only: take one tier listener out of the gateway's pool.
+    TierChange,
 }
 
 /// A step as written: `rolling` or a one-key map such as `{scale_to: 6}`.
@@ -35,7 +39,18 @@ impl TryFrom<RawStep> for Step {
     fn try_from(raw: RawStep) -> Result<Step, String> {
         let (key, value) = match raw {
             RawStep::Word(w) if w == "rolling" => return Ok(Step::Rolling),
+            RawStep::Word(w) if w == "tier_change" => return Ok(Step::TierChange),
             RawStep::Word(w) => return Err(format!("unknown step '{w}'")),
+            // The one step with an option: `{arriving_clients: N, every_ms: M}`.
+            RawStep::Map(m) if m.contains_key("arriving_clients") => {
+                let n = m.get("arriving_clients").copied().unwrap_or(0);
+                let every_ms = m.get("every_ms").copied().unwrap_or(100);
+                if m.keys().any(|k| k != "arriving_clients" && k != "every_ms") {
+                    return Err("arriving_clients takes only every_ms".into());
+                }
+                let n = usize::try_from(n).map_err(|_| "number too large".to_owned())?;
+                return Ok(Step::ArrivingClients { n, every_ms });
+            }
             RawStep::Map(m) if m.len() == 1 => m.into_iter().next().ok_or("empty step")?,
             RawStep::Map(_) => return Err("a step has exactly one key".into()),
         };
@@ -46,7 +61,8 @@ impl TryFrom<RawStep> for Step {
             "scale_to" => Ok(Step::ScaleTo(n)),
             "wait_ms" => Ok(Step::WaitMs(value)),
             other => Err(format!(
-                "unknown step '{other}' (clients, ignoring_clients, scale_to, wait_ms, rolling)"
+                "unknown step '{other}' (clients, arriving_clients, ignoring_clients, \
+                 scale_to, wait_ms, rolling, tier_change)"
             )),
         }
     }
@@ -119,6 +135,13 @@ impl Scenario {
                 Step::Clients(n) | Step::IgnoringClients(n) if *n > 2000 => {
                     return Err(LabError::Scenario("at most 2000 clients per step".into()));
                 }
+                Step::ArrivingClients { n, every_ms }
+                    if *n > 2000 || n.saturating_mul(*every_ms as usize) > 60_000 =>
+                {
+                    return Err(LabError::Scenario(
+                        "arriving_clients: at most 2000, over at most 60 s".into(),
+                    ));
+                }
                 Step::WaitMs(ms) if *ms > 60_000 => {
                     return Err(LabError::Scenario("wait_ms at most 60000".into()));
                 }
@@ -172,5 +195,28 @@ mod tests {
         assert!(Scenario::parse("name: x\npods: 1\nsteps: [{scale_to: 0}]\n").is_err());
         assert!(Scenario::parse("name: x\npods: 1\nsteps: [{fly: 1}]\n").is_err());
         assert!(Scenario::load("no-such-scenario").is_err());
+        let s = Scenario::parse(
+            "name: a\npods: 1\nsteps:\n  - arriving_clients: 5\n  - {arriving_clients: 3, every_ms: 50}\n  - tier_change\n",
+        )
+        .unwrap();
+        assert_eq!(
+            s.steps,
+            vec![
+                Step::ArrivingClients {
+                    n: 5,
+                    every_ms: 100
+                },
+                Step::ArrivingClients { n: 3, every_ms: 50 },
+                Step::TierChange
+            ]
+        );
+        assert!(
+            Scenario::parse("name: x\npods: 1\nsteps: [{arriving_clients: 9, every: 1}]\n")
+                .is_err()
+        );
+        assert!(
+            Scenario::parse("name: x\npods: 1\nsteps: [{arriving_clients: 700, every_ms: 100}]\n")
+                .is_err()
+        );
     }
 }
