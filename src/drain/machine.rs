@@ -82,6 +82,7 @@ const MAX_TAIL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 struct Closing {
+    window_start: Instant,
     window_end: Instant,
     next_tick: Instant,
     batches: u64,
@@ -284,6 +285,7 @@ impl Drain {
         let tail = (left / 4).min(MAX_TAIL);
         let window = self.t.close_window.min(left - tail).max(self.t.close_tick);
         Closing {
+            window_start: now,
             window_end: now + window,
             next_tick: now,
             batches: 0,
@@ -306,7 +308,11 @@ impl Drain {
             c.window_end.saturating_duration_since(now),
             tick,
         );
-        let after = pacing::spread(range, c.batches);
+        let after = pacing::hint_delay(
+            range,
+            now.saturating_duration_since(c.window_start),
+            c.window_end.saturating_duration_since(c.window_start),
+        );
         c.batches += 1;
         c.in_flight = true;
         c.asked = max;

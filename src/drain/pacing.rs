@@ -15,14 +15,19 @@ pub fn batch_size(open: u64, window_left: Duration, tick: Duration) -> u64 {
     open.div_ceil(ticks_left).max(1)
 }
 
-/// The reconnect delay for batch `index`: spread evenly over the range by the golden-ratio
-/// sequence, so consecutive batches land far apart and any prefix of batches covers the
-/// range evenly (no randomness: the plan is reproducible and testable).
-pub fn spread(range: DurationRange, index: u64) -> Duration {
-    const PHI_FRAC: f64 = 0.618_033_988_749_894_9;
-    let frac = (index as f64 * PHI_FRAC).fract();
-    let span = range.max.saturating_sub(range.min);
-    range.min + span.mul_f64(frac)
+/// The reconnect delay for a batch closed `elapsed` into a close window of `window`:
+/// growing linearly from `range.min` at the window's start to `range.max` at its end.
+/// Closes already arrive at a steady rate; a delay that grows with time stretches the
+/// reconnects over window + (max − min), so the survivors see a *lower* rate than the
+/// close rate. (A varying but unordered delay — random or a low-discrepancy sequence —
+/// bunches some reconnects: 1.4× the close rate in the worst second for 2 s of spread.)
+pub fn hint_delay(range: DurationRange, elapsed: Duration, window: Duration) -> Duration {
+    let frac = if window.is_zero() {
+        1.0
+    } else {
+        (elapsed.as_secs_f64() / window.as_secs_f64()).clamp(0.0, 1.0)
+    };
+    range.min + range.max.saturating_sub(range.min).mul_f64(frac)
 }
 
 #[cfg(test)]
@@ -81,26 +86,64 @@ mod tests {
         assert_eq!(batch_size(0, WINDOW, TICK), 1);
     }
 
-    #[test]
-    fn spread_stays_in_range_and_covers_it() {
-        let r = DurationRange {
+    fn range() -> DurationRange {
+        DurationRange {
             min: Duration::from_millis(200),
             max: Duration::from_millis(2200),
-        };
-        let v: Vec<u64> = (0..20).map(|i| spread(r, i).as_millis() as u64).collect();
-        assert!(v.iter().all(|&x| (200..=2200).contains(&x)), "{v:?}");
-        // Every 400 ms quarter of the range gets some batches.
-        for q in 0..5 {
-            let lo = 200 + q * 400;
-            assert!(
-                v.iter().any(|&x| x >= lo && x < lo + 400),
-                "empty bucket {lo}: {v:?}"
-            );
         }
+    }
+
+    #[test]
+    fn hint_grows_over_the_window_and_stays_in_range() {
+        let ms = |e: u64| hint_delay(range(), Duration::from_millis(e), WINDOW).as_millis();
+        assert_eq!(ms(0), 200);
+        assert_eq!(ms(5000), 1200);
+        assert_eq!(ms(10_000), 2200);
+        assert_eq!(ms(60_000), 2200, "sweeps after the window get the maximum");
+        assert_eq!(
+            hint_delay(range(), Duration::ZERO, Duration::ZERO).as_millis(),
+            2200
+        );
         let fixed = DurationRange {
             min: Duration::from_millis(700),
             max: Duration::from_millis(700),
         };
-        assert_eq!(spread(fixed, 5), Duration::from_millis(700));
+        assert_eq!(
+            hint_delay(fixed, Duration::from_secs(3), WINDOW).as_millis(),
+            700
+        );
+    }
+
+    /// The point of the hint: reconnects reach the survivors no faster than closes
+    /// leave the draining pod, in every one-second window.
+    #[test]
+    fn reconnects_are_never_bunched_above_the_close_rate() {
+        let window = Duration::from_secs(4);
+        let tick = Duration::from_millis(100);
+        let (open, mut elapsed) = (200u64, Duration::ZERO);
+        let mut left = open;
+        let mut reconnects = Vec::new();
+        while left > 0 && reconnects.len() < 1000 {
+            let b = batch_size(left, window.saturating_sub(elapsed), tick).min(left);
+            let at = elapsed + hint_delay(range(), elapsed, window);
+            reconnects.extend(std::iter::repeat_n(at, b as usize));
+            left -= b;
+            elapsed += tick;
+        }
+        let close_rate = open as f64 / window.as_secs_f64();
+        let worst = (0..800)
+            .map(|k| {
+                let from = Duration::from_millis(k * 10);
+                reconnects
+                    .iter()
+                    .filter(|&&r| r >= from && r < from + Duration::from_secs(1))
+                    .count()
+            })
+            .max()
+            .unwrap_or(0);
+        assert!(
+            (worst as f64) <= close_rate,
+            "worst second has {worst} reconnects, close rate {close_rate}/s"
+        );
     }
 }
