@@ -82,70 +82,75 @@ pub struct LabArgs {
     /// seed, rolling, deadline, pacing, a scenario YAML file, or `demo` (the table).
     pub scenario: String,
     /// Run the wsdrain agent in each pod (with a preStop hook on the app).
-    #[arg(long, default_value = "on")]
+    #[arg(long, env = "WSDRAIN_LAB_AGENT", default_value = "on")]
     pub agent: OnOff,
     /// keep: changes keep connections; reset-all: every change resets every session;
     /// tiered: a reset-all gateway in front of a stable keep tier.
-    #[arg(long, default_value = "keep")]
+    #[arg(long, env = "WSDRAIN_LAB_INGRESS", default_value = "keep")]
     pub ingress: Mode,
     /// Your app instead of the reference app; {ip}, {port}, {admin_port} are filled in
     /// per pod. It must implement admin API v1.
-    #[arg(long)]
+    #[arg(long, env = "WSDRAIN_LAB_APP")]
     pub app: Option<String>,
     /// Replace the client count of every `clients` step.
-    #[arg(long)]
+    #[arg(long, env = "WSDRAIN_LAB_CLIENTS")]
     pub clients: Option<usize>,
     /// Print one JSON summary object on stdout.
-    #[arg(long)]
+    #[arg(long, env = "WSDRAIN_LAB_JSON")]
     pub json: bool,
     /// Which client drives the load.
-    #[arg(long, default_value = "rust")]
+    #[arg(long, env = "WSDRAIN_LAB_CLIENT", default_value = "rust")]
     pub client: ClientKind,
     /// Python interpreter for `--client python` [default: .venv/bin/python or python3].
-    #[arg(long)]
+    #[arg(long, env = "WSDRAIN_LAB_PYTHON")]
     pub python: Option<PathBuf>,
-    #[arg(long, default_value = "tests/clients/lab_client.py")]
+    /// The Python load client script for `--client python`.
+    #[arg(
+        long,
+        env = "WSDRAIN_LAB_PYTHON_CLIENT",
+        default_value = "tests/clients/lab_client.py"
+    )]
     pub python_client: PathBuf,
     /// Native sidecar (SIGTERM after the app exited) or classic (SIGTERM at t0).
-    #[arg(long, default_value = "native")]
+    #[arg(long, env = "WSDRAIN_LAB_SIDECAR", default_value = "native")]
     pub sidecar: Sidecar,
     /// The pods' terminationGracePeriodSeconds.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_LAB_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub grace: Duration,
     /// Delay between deletion and the endpoint leaving the ingress.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_LAB_PROPAGATION", default_value = "1s", value_parser = parse_duration)]
     pub propagation: Duration,
     /// Agent --close-window.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_LAB_CLOSE_WINDOW", default_value = "2s", value_parser = parse_duration)]
     pub close_window: Duration,
     /// Agent --close-tick.
-    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_LAB_CLOSE_TICK", default_value = "100ms", value_parser = parse_duration)]
     pub close_tick: Duration,
     /// Agent --reconnect-after.
-    #[arg(long, default_value = "0ms..2s")]
+    #[arg(long, env = "WSDRAIN_LAB_RECONNECT_AFTER", default_value = "0ms..2s")]
     pub reconnect_after: String,
     /// Agent --settle-min [default: --propagation + 500ms]. Shorter than the propagation
     /// delay, closed clients can reconnect to the closing pod.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_LAB_SETTLE_MIN", value_parser = parse_duration)]
     pub settle_min: Option<Duration>,
     /// Agent --settle-quiet.
-    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_LAB_SETTLE_QUIET", default_value = "300ms", value_parser = parse_duration)]
     pub settle_quiet: Duration,
     /// Time between two messages of one client.
-    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_LAB_INTERVAL", default_value = "250ms", value_parser = parse_duration)]
     pub interval: Duration,
     /// Keep the run's temp dir (HAProxy config, logs) for inspection.
-    #[arg(long)]
+    #[arg(long, env = "WSDRAIN_LAB_KEEP_DIR")]
     pub keep_dir: bool,
     /// Write every connection's record (one JSON object per line) to this file.
-    #[arg(long)]
+    #[arg(long, env = "WSDRAIN_LAB_RECORDS")]
     pub records: Option<PathBuf>,
     /// No progress lines on stderr.
-    #[arg(long)]
+    #[arg(long, env = "WSDRAIN_LAB_QUIET")]
     pub quiet: bool,
     /// Root only: each pod in its own network namespace on a bridge (10.213.0.0/24),
     /// HAProxy and clients in a "node" namespace; all removed at the end.
-    #[arg(long)]
+    #[arg(long, env = "WSDRAIN_LAB_NETNS")]
     pub netns: bool,
     /// Tag every process of the run with this id (default: a new one), e.g. so a test
     /// harness can sweep them; the `demo` runs get `<id>-r<N>`.
