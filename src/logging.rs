@@ -9,7 +9,10 @@ pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A closed stderr (a log collector gone) must not matter: by default the
+        // subscriber reports write errors with eprintln!, which panics on EPIPE.
+        .log_internal_errors(false);
     // A second init (tests calling twice) is harmless: keep the first subscriber.
     let _ = match format {
         LogFormat::Json => builder

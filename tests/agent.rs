@@ -361,40 +361,61 @@ fn sigterm_drains_then_exits_zero_and_answers_waiting_hooks() {
 
 #[test]
 fn bad_flags_name_the_field_and_exit_nonzero() {
-    for (args, field) in [
+    // An address that is surely taken (root may bind any port, so no "privileged" port).
+    let ip = pod_ip();
+    let taken = TcpListener::bind((ip, 0)).expect("bind");
+    let taken_addr = taken.local_addr().expect("addr").to_string();
+    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
         (
             vec!["--ports", "8080", "--close-code", "1000"],
+            vec![],
             "--close-code",
         ),
         (
             vec!["--ports", "8080", "--reconnect-after", "3s..1s"],
+            vec![],
             "--reconnect-after",
         ),
-        (vec!["--ports", "nope"], "--ports"),
+        (vec!["--ports", "nope"], vec![], "--ports"),
         (
-            vec!["--ports", "8080", "--listen", "127.0.0.1:1"],
+            vec!["--ports", "8080", "--listen", &taken_addr],
+            vec![],
             "--listen",
         ),
-    ] {
-        let out = Command::new(wsdrain_bin())
-            .arg("agent")
+        // Env vars work like flags.
+        (
+            vec![],
+            vec![("WSDRAIN_PORTS", "8080"), ("WSDRAIN_CLOSE_CODE", "999")],
+            "--close-code",
+        ),
+    ];
+    for (args, env, field) in cases {
+        let mut cmd = Command::new(wsdrain_bin());
+        cmd.arg("agent")
             .args(&args)
+            .envs(env.iter().copied())
             .env("WSDRAIN_LOG_FORMAT", "text")
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?} accepted");
-        assert!(stderr.contains(field), "{args:?}: {stderr}");
+            .env("WSDRAIN_TERMINATION_LOG", "")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut agent = Proc::spawn("agent", &mut cmd);
+        // Bounded: an agent that wrongly starts is killed by Proc's Drop, not waited on.
+        let status = agent
+            .wait_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("{args:?} {env:?}: the agent started instead of failing"));
+        let mut stderr = String::new();
+        agent
+            .child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut stderr)
+            .expect("read stderr");
+        assert!(!status.success(), "{args:?} {env:?} accepted");
+        assert!(stderr.contains(field), "{args:?} {env:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
-    // Env vars work like flags.
-    let out = Command::new(wsdrain_bin())
-        .arg("agent")
-        .env("WSDRAIN_PORTS", "8080")
-        .env("WSDRAIN_CLOSE_CODE", "999")
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--close-code"));
+    drop(taken);
 }
 
 #[test]
@@ -744,4 +765,39 @@ fn prestop_client_waits_for_the_agent_and_for_the_drain() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not reachable"));
     assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn a_closed_stderr_does_not_kill_the_agent() {
+    use nix::sys::signal::Signal::SIGTERM;
+    // A log collector that went away: every later log line hits EPIPE.
+    let ip = pod_ip();
+    let holder = Holder::start(ip, 1);
+    let api = SocketAddr::new(ip, free_port(ip));
+    let mut cmd = Command::new(wsdrain_bin());
+    cmd.arg("agent")
+        .args([
+            "--listen",
+            &api.to_string(),
+            "--ports",
+            &holder.port.to_string(),
+        ])
+        .args(["--address", &ip.to_string(), "--termination-log", ""])
+        .args(["--drain-timeout", "1s"])
+        .args(FAST)
+        .stderr(std::process::Stdio::piped());
+    let mut agent = Proc::spawn("agent", &mut cmd);
+    wait_listening(api, Duration::from_secs(10));
+    drop(agent.child.stderr.take());
+    // The drain logs as it goes; the hook must still get its answer.
+    let (code, body) = http("GET", api, "/prestop", &[]);
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "agent died on EPIPE"
+    );
+    common::signal(agent.pid(), SIGTERM);
+    let status = agent.wait_timeout(Duration::from_secs(5)).expect("exits");
+    assert_eq!(status.code(), Some(0));
+    drop(holder);
 }

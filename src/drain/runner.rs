@@ -228,7 +228,7 @@ impl Drainer {
         self.spawn_deadline_probe();
         let connections = self.observe(&mut count_failing).await;
         let budget_ms = self.shared.drain_timeout.as_millis() as u64;
-        tracing::info!(?trigger, ?connections, budget_ms, "drain started: unready");
+        tracing::info!(?trigger, connections, budget_ms, "drain started: unready");
         let _ = self.shared.notices.send(Notice::Started {
             trigger,
             connections: connections.unwrap_or(0),
