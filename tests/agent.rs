@@ -365,7 +365,9 @@ fn bad_flags_name_the_field_and_exit_nonzero() {
     let ip = pod_ip();
     let taken = TcpListener::bind((ip, 0)).expect("bind");
     let taken_addr = taken.local_addr().expect("addr").to_string();
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    // (flags, env, the field the error must name)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             vec!["--ports", "8080", "--close-code", "1000"],
             vec![],
