@@ -1,6 +1,8 @@
 # wsdrain — newcomer entry points. Every target installs what it needs (scripts/setup-deps.sh).
 SHELL := /bin/bash
 CARGO ?= cargo
+# rustup installs into ~/.cargo/bin; later recipe lines need it on PATH too.
+export PATH := $(HOME)/.cargo/bin:$(PATH)
 export CARGO_TERM_COLOR ?= never
 
 .PHONY: all build deps test unit demo bench bench-image lint fmt image-binary clean
@@ -37,6 +39,7 @@ bench-image: deps
 	WSDRAIN_BENCH_BIN=$$(bash scripts/image-binary.sh | tail -n 1) $(CARGO) bench --bench agent
 
 lint: deps
+	if command -v rustup >/dev/null; then rustup component add rustfmt clippy; fi
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	bash scripts/lint-manifests.sh

@@ -10,11 +10,11 @@ target=x86_64-unknown-linux-musl
 if ! rustup target list --installed | grep -qx "$target"; then
     rustup target add "$target"
 fi
-if ! command -v musl-gcc >/dev/null; then
+if ! command -v musl-gcc >/dev/null || ! command -v file >/dev/null; then
     sudo=""
     [[ $(id -u) -ne 0 ]] && sudo=sudo
     $sudo apt-get update -qq
-    $sudo apt-get install -y -qq musl-tools
+    $sudo apt-get install -y -qq musl-tools file
 fi
 
 export CC_x86_64_unknown_linux_musl=musl-gcc

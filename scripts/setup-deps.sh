@@ -8,6 +8,9 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 need_apt=()
+command -v python3 >/dev/null || need_apt+=(python3)
+# A C compiler and linker: rustc links with `cc`, and ring compiles C and assembly.
+command -v cc >/dev/null || need_apt+=(gcc libc6-dev)
 command -v haproxy >/dev/null || need_apt+=(haproxy)
 command -v ss >/dev/null || need_apt+=(iproute2)
 command -v ip >/dev/null || need_apt+=(iproute2)
@@ -23,11 +26,22 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-if ! command -v cargo >/dev/null; then
-  echo "setup: installing Rust with rustup"
-  curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
-  # shellcheck disable=SC1091
-  . "$HOME/.cargo/env"
+# Rust >= 1.95 (edition 2024, rust-version in Cargo.toml). Debian's own cargo is older:
+# then rustup provides the toolchain. The Makefile puts ~/.cargo/bin first on PATH.
+export PATH="$HOME/.cargo/bin:$PATH"
+cargo_ok() {
+  command -v cargo >/dev/null &&
+    cargo --version | awk '{ split($2, v, "."); exit !(v[1] > 1 || (v[1] == 1 && v[2] >= 95)) }'
+}
+if ! cargo_ok; then
+  if command -v rustup >/dev/null; then
+    echo "setup: rustup toolchain install stable"
+    rustup toolchain install stable --profile minimal -c rustfmt -c clippy
+    rustup default stable
+  else
+    echo "setup: installing Rust with rustup"
+    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt -c clippy
+  fi
 fi
 
 if [ ! -x .venv/bin/python ]; then
