@@ -540,6 +540,10 @@ fn termination_message_written_on_both_outcomes() {
 
     // An unwritable path is an error, not a panic.
     assert!(write_termination_message(&dir.path().join("no/such/dir"), &huge).is_err());
+    // Outside Kubernetes nobody made the file: the agent does not create it.
+    let absent = dir.path().join("absent");
+    assert!(write_termination_message(&absent, &huge).is_err());
+    assert!(!absent.exists());
 }
 
 // ---- manifests -----------------------------------------------------------------------------

@@ -97,7 +97,9 @@ impl Pod {
 
 /// Agent options every run gets (tests add the timings they need).
 fn agent_args(pod: &Pod, dir: &Path) -> Vec<String> {
+    // The kubelet creates the file; the agent only overwrites it.
     let termination_log = dir.join("termination-log");
+    std::fs::write(&termination_log, "").expect("create termination log");
     vec![
         "--listen".into(),
         pod.api.to_string(),

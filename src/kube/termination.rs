@@ -59,12 +59,12 @@ pub(crate) fn truncate(mut s: String, max: usize) -> String {
     s
 }
 
-/// Replaces the file's content with the summary line. The kubelet mounts the file; the
-/// agent only overwrites it (it never creates directories).
+/// Replaces the file's content with the summary line. The kubelet creates and mounts the
+/// file; the agent only overwrites an existing one, so outside Kubernetes (wrap under
+/// systemd, a manual run as root) it never creates `/dev/termination-log`.
 pub fn write_termination_message(path: &Path, summary: &Summary) -> std::io::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
         .truncate(true)
         .open(path)?;
     let mut line = termination_message(summary);
