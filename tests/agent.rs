@@ -462,8 +462,12 @@ struct EchoPod {
 
 impl EchoPod {
     fn start(agent_extra: &[&str]) -> EchoPod {
+        Self::start_with(&[], agent_extra)
+    }
+
+    fn start_with(echo_extra: &[&str], agent_extra: &[&str]) -> EchoPod {
         let ip = pod_ip();
-        let echo = common::EchoApp::start(ip, &[]);
+        let echo = common::EchoApp::start(ip, echo_extra);
         let (app, admin) = (echo.public, echo.admin);
         let url = format!("http://{admin}");
         let mut extra = vec!["--admin-url", url.as_str()];
@@ -802,4 +806,44 @@ fn a_closed_stderr_does_not_kill_the_agent() {
     let status = agent.wait_timeout(Duration::from_secs(5)).expect("exits");
     assert_eq!(status.code(), Some(0));
     drop(holder);
+}
+
+#[test]
+fn websocket_clients_ignoring_the_close_frame_hit_the_deadline() {
+    // The app sends every close frame, the clients (Python websockets, close replies
+    // suppressed) never answer and keep their sockets: the hook answers at the deadline.
+    let pod = EchoPod::start_with(
+        &["--close-timeout", "30s"],
+        &["--close-window", "500ms", "--drain-timeout", "3s"],
+    );
+    let url = format!("ws://{}/", pod.app);
+    let mut clients = Command::new(common::venv_python())
+        .arg(common::repo_path("tests/clients/ws_client.py"))
+        .args([url.as_str(), "20", "15", "ignore-close"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python client");
+    let mut out = std::io::BufReader::new(clients.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    use std::io::BufRead;
+    out.read_line(&mut line).expect("READY");
+    assert_eq!(line.trim(), "READY");
+
+    let t0 = Instant::now();
+    let (answered, code, summary) = pod.agent.prestop_async(vec![]).join().unwrap();
+    let took = answered - t0;
+    let _ = clients.kill();
+    let _ = clients.wait();
+    assert_eq!(code, 200);
+    assert_eq!(summary["outcome"], "DeadlineExceeded", "{summary}");
+    assert_eq!(summary["remaining"], 20, "{summary}");
+    assert_eq!(
+        summary["sessions_closed"], 20,
+        "every close frame was sent: {summary}"
+    );
+    assert!(took >= Duration::from_millis(2900), "early: {took:?}");
+    assert!(took <= Duration::from_millis(3300), "late: {took:?}");
+    assert_eq!(pod.agent.status()["status"]["state"], "DeadlineExceeded");
+    assert_eq!(pod.agent.metric("wsdrain_forced_remaining"), Some(20.0));
+    assert_eq!(pod.agent.metric("wsdrain_drain_state"), Some(5.0));
 }

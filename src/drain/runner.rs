@@ -41,7 +41,7 @@ struct Shared {
     timings: Timings,
     drain_timeout: Duration,
     io: Io,
-    /// Set before anything else so /readyz flips at once.
+    /// Set right after the drain is in place; /readyz reads it without a lock.
     draining: AtomicBool,
     drain: Mutex<Option<Drain>>,
     done: watch::Sender<Option<Summary>>,
@@ -155,13 +155,23 @@ impl Drainer {
     /// does no I/O, so a caller that goes away (an HTTP client hanging up) cannot leave
     /// the pod unready with no drain behind it.
     pub fn start(&self, trigger: Trigger) {
-        if self.shared.draining.swap(true, Ordering::SeqCst) {
-            return;
+        {
+            // The lock makes "first trigger" exact; the drain is in place before /readyz
+            // flips, so /status never says Serving while /readyz already says 503.
+            let mut drain = lock(&self.shared.drain);
+            if drain.is_some() {
+                return;
+            }
+            let started = Instant::now();
+            let deadline = started + self.shared.drain_timeout;
+            *drain = Some(Drain::start(
+                self.shared.timings.clone(),
+                trigger,
+                started,
+                deadline,
+            ));
         }
-        let started = Instant::now();
-        let deadline = started + self.shared.drain_timeout;
-        let drain = Drain::start(self.shared.timings.clone(), trigger, started, deadline);
-        *lock(&self.shared.drain) = Some(drain);
+        self.shared.draining.store(true, Ordering::SeqCst);
         self.shared
             .io
             .metrics

@@ -146,3 +146,27 @@ async fn serving_status_then_draining_status() {
     let s = d.drain(Trigger::Prestop).await;
     assert_eq!(s.trigger, Trigger::Api, "joined the running drain");
 }
+
+/// A deadline probe that fails (the API answered 403, or never) must leave every decision
+/// as it is with no probe at all: same outcome, budget, counts.
+#[tokio::test]
+async fn a_failing_deadline_probe_changes_nothing() {
+    let failing: DeadlineProbe = Arc::new(|| {
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            None
+        })
+    });
+    let with = drainer(scripted(2), Duration::from_millis(400), Some(failing));
+    let without = drainer(scripted(2), Duration::from_millis(400), None);
+    let (a, b) = tokio::join!(
+        with.drain(Trigger::Prestop),
+        without.drain(Trigger::Prestop)
+    );
+    assert_eq!(a.outcome, b.outcome);
+    assert_eq!(a.budget_ms, b.budget_ms);
+    assert_eq!(a.remaining, b.remaining);
+    assert_eq!(a.connections_at_start, b.connections_at_start);
+    assert_eq!(a.closes_requested, b.closes_requested);
+    assert_eq!(a.budget_ms, 400);
+}

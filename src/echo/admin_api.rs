@@ -16,7 +16,7 @@ use super::App;
 /// Drain requests are tiny; anything bigger is a client bug.
 const MAX_BODY: usize = 4096;
 /// RFC 6455 §5.5: a control frame payload is at most 125 bytes, 2 of them the code.
-pub const MAX_REASON_BYTES: usize = 123;
+pub use crate::drain::hint::MAX_REASON_BYTES;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DrainParams {
