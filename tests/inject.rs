@@ -185,21 +185,12 @@ fn docs(text: &str) -> Vec<Value> {
         .collect()
 }
 
-/// kubernetes-validate --strict from the venv of scripts/setup-deps.sh.
+/// kubernetes-validate --strict on YAML text (see `common::kubernetes_validate`).
 fn kubernetes_validate(text: &str) {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/kubernetes-validate");
-    assert!(venv.exists(), "run scripts/setup-deps.sh first");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("out.yaml");
     std::fs::write(&file, text).unwrap();
-    let out = Command::new(venv)
-        .arg("--strict")
-        .arg(&file)
-        .output()
-        .unwrap();
-    let report =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "kubernetes-validate:\n{report}");
+    common::kubernetes_validate(&file);
 }
 
 #[test]

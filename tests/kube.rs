@@ -2,6 +2,8 @@
 //! requests, the deadline arithmetic, and that every failure leaves the drain timeline
 //! as it would be with the API off.
 
+mod common;
+
 use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -568,39 +570,13 @@ spec:
       ports: [{containerPort: 8080}]
 "#;
 
-fn kubernetes_validate(path: &std::path::Path) {
-    let bin =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/kubernetes-validate");
-    assert!(
-        bin.exists(),
-        "{} missing: run scripts/setup-deps.sh",
-        bin.display()
-    );
-    for version in ["1.33", "1.37"] {
-        let out = std::process::Command::new(&bin)
-            .args(["--strict", "-k", version])
-            .arg(path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{} against {version}: {}{}",
-            path.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
 #[test]
 fn manifests_pass_strict_validation() {
-    kubernetes_validate(
-        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/rbac-app.yaml"),
-    );
+    common::kubernetes_validate(&common::repo_path("deploy/rbac-app.yaml"));
     let dir = tempfile::tempdir().unwrap();
     let pod = dir.path().join("pod.yaml");
     std::fs::write(&pod, GATED_POD).unwrap();
-    kubernetes_validate(&pod);
+    common::kubernetes_validate(&pod);
 }
 
 // ---- wiring into the drain runner ------------------------------------------------------------

@@ -185,3 +185,31 @@ impl EchoApp {
         }
     }
 }
+
+/// `kubernetes-validate --strict` (from the venv) on one file, against the oldest version
+/// wsdrain supports with native sidecars and the newest schema the tool has — the same
+/// pair as scripts/validate-manifests.sh.
+pub fn kubernetes_validate(path: &std::path::Path) {
+    let bin = repo_path(".venv/bin/kubernetes-validate");
+    assert!(
+        bin.exists(),
+        "{} missing: run scripts/setup-deps.sh",
+        bin.display()
+    );
+    for version in [Some("1.29.0"), None] {
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--strict");
+        if let Some(v) = version {
+            cmd.args(["-k", v]);
+        }
+        let out = cmd.arg(path).output().expect("run kubernetes-validate");
+        assert!(
+            out.status.success(),
+            "{} against {}: {}{}",
+            path.display(),
+            version.unwrap_or("latest"),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
