@@ -133,7 +133,7 @@ async fn serve_admin(stream: TcpStream, app: Arc<App>) {
         let app = app.clone();
         async move { Ok::<_, Infallible>(admin_api::handle(req, app).await) }
     });
-    if let Err(err) = http1::Builder::new()
+    if let Err(err) = http1_builder()
         .serve_connection(TokioIo::new(stream), svc)
         .await
     {
@@ -151,7 +151,7 @@ async fn serve_public(stream: TcpStream, app: Arc<App>) {
             async move { Ok::<_, Infallible>(public_request(req, app)) }
         })
     };
-    let conn = http1::Builder::new()
+    let conn = http1_builder()
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
     tokio::pin!(conn);
@@ -250,4 +250,13 @@ fn upgrade(mut req: Request<Incoming>, app: Arc<App>) -> Response<Full<Bytes>> {
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     }
     resp
+}
+
+/// Slow or silent clients (slowloris) are dropped after 10 s without complete headers.
+fn http1_builder() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    builder
 }
