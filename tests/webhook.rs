@@ -158,6 +158,33 @@ impl Answer {
     }
 }
 
+/// TCP connect + TLS handshake. One CI run saw a single "connection reset" during the
+/// handshake that ~25 local runs (some beside other test binaries) never reproduced; a reset
+/// is retried twice and
+/// printed, so it stays visible without failing the run on a one-off. Any other error,
+/// or three resets in a row, fails the test.
+async fn tls_connect(
+    addr: SocketAddr,
+    roots: RootCertStore,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let name = ServerName::from(addr.ip());
+        match connector(roots.clone()).connect(name, tcp).await {
+            Ok(tls) => return tls,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && attempt < 3 => {
+                eprintln!(
+                    "webhook test: TLS handshake to {addr} reset (attempt {attempt}); retrying"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("TLS handshake to {addr}: {e:?}"),
+        }
+    }
+}
+
 /// One request on a fresh TLS connection (so every call sees the certificate served now).
 async fn call(
     addr: SocketAddr,
@@ -166,12 +193,7 @@ async fn call(
     path: &str,
     body: Vec<u8>,
 ) -> Answer {
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let name = ServerName::from(addr.ip());
-    let tls = connector(roots)
-        .connect(name, tcp)
-        .await
-        .expect("TLS handshake");
+    let tls = tls_connect(addr, roots).await;
     let peer_cert = tls
         .get_ref()
         .1
