@@ -159,10 +159,9 @@ impl Answer {
 }
 
 /// TCP connect + TLS handshake. One CI run saw a single "connection reset" during the
-/// handshake that ~25 local runs (some beside other test binaries) never reproduced; a reset
-/// is retried twice and
-/// printed, so it stays visible without failing the run on a one-off. Any other error,
-/// or three resets in a row, fails the test.
+/// handshake that ~25 local runs (some beside other test binaries) never reproduced; a
+/// reset is retried twice and printed, so it stays visible without failing the run on a
+/// one-off. Any other error, or three resets in a row, fails the test.
 async fn tls_connect(
     addr: SocketAddr,
     roots: RootCertStore,
