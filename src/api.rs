@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 
 use crate::drain::report::Trigger;
 use crate::drain::runner::Drainer;
+use crate::net::{json, text};
 
 pub const TOKEN_HEADER: &str = "X-Wsdrain-Token";
 
@@ -114,7 +115,7 @@ async fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Resp 
                 return refused(code, msg, peer);
             }
             let summary = state.drainer.drain(Trigger::Prestop).await;
-            json_resp(StatusCode::OK, &json!(summary))
+            json(StatusCode::OK, &json!(summary))
         }
         ("/drain", &Method::POST) => {
             if let Err((code, msg)) = state.guard.check(peer.ip(), &req) {
@@ -126,13 +127,13 @@ async fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Resp 
                 .is_some_and(|q| q.split('&').any(|kv| kv == "wait=true" || kv == "wait=1"));
             if wait {
                 let summary = state.drainer.drain(Trigger::Api).await;
-                json_resp(StatusCode::OK, &json!(summary))
+                json(StatusCode::OK, &json!(summary))
             } else {
                 state.drainer.start(Trigger::Api);
-                json_resp(StatusCode::ACCEPTED, &status_json(state).await)
+                json(StatusCode::ACCEPTED, &status_json(state).await)
             }
         }
-        ("/status", &Method::GET) => json_resp(StatusCode::OK, &status_json(state).await),
+        ("/status", &Method::GET) => json(StatusCode::OK, &status_json(state).await),
         ("/metrics", &Method::GET) => {
             if !state.drainer.is_draining() {
                 state.drainer.count().await;
@@ -172,21 +173,7 @@ async fn status_json(state: &State) -> serde_json::Value {
 
 fn refused(code: StatusCode, msg: &'static str, peer: SocketAddr) -> Resp {
     tracing::warn!(%peer, status = code.as_u16(), "drain trigger refused: {msg}");
-    json_resp(code, &json!({ "error": msg }))
-}
-
-fn text(code: StatusCode, body: &'static str) -> Resp {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *r.status_mut() = code;
-    r
-}
-
-fn json_resp(code: StatusCode, value: &serde_json::Value) -> Resp {
-    let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
-    *r.status_mut() = code;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
+    json(code, &json!({ "error": msg }))
 }
 
 #[cfg(test)]

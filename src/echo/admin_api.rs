@@ -89,27 +89,17 @@ pub fn parse_drain(body: &[u8]) -> Result<DrainParams, FieldError> {
     Ok(DrainParams { max, code, reason })
 }
 
-fn json_response(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    resp
-}
-
 fn bad_request(err: FieldError) -> Response<Full<Bytes>> {
-    json_response(
+    crate::net::json(
         StatusCode::BAD_REQUEST,
-        json!({"error": format!("{}: {}", err.field, err.message), "field": err.field}),
+        &json!({"error": format!("{}: {}", err.field, err.message), "field": err.field}),
     )
 }
 
 pub async fn handle(req: Request<Incoming>, app: Arc<App>) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/connections") => {
-            json_response(StatusCode::OK, json!({"open": app.sessions.open_count()}))
+            crate::net::json(StatusCode::OK, &json!({"open": app.sessions.open_count()}))
         }
         (&Method::POST, "/drain") => {
             let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
@@ -120,9 +110,9 @@ pub async fn handle(req: Request<Incoming>, app: Arc<App>) -> Response<Full<Byte
                     } else {
                         StatusCode::BAD_REQUEST
                     };
-                    return json_response(
+                    return crate::net::json(
                         status,
-                        json!({"error": format!("body: {err}"), "field": "body"}),
+                        &json!({"error": format!("body: {err}"), "field": "body"}),
                     );
                 }
             };
@@ -143,18 +133,18 @@ pub async fn handle(req: Request<Incoming>, app: Arc<App>) -> Response<Full<Byte
                 remaining,
                 "drain request"
             );
-            json_response(
+            crate::net::json(
                 StatusCode::OK,
-                json!({"closed": closed, "remaining": remaining}),
+                &json!({"closed": closed, "remaining": remaining}),
             )
         }
-        (_, "/connections" | "/drain") => json_response(
+        (_, "/connections" | "/drain") => crate::net::json(
             StatusCode::METHOD_NOT_ALLOWED,
-            json!({"error": "use GET /connections or POST /drain"}),
+            &json!({"error": "use GET /connections or POST /drain"}),
         ),
-        _ => json_response(
+        _ => crate::net::json(
             StatusCode::NOT_FOUND,
-            json!({"error": "admin API v1: GET /connections, POST /drain"}),
+            &json!({"error": "admin API v1: GET /connections, POST /drain"}),
         ),
     }
 }

@@ -33,6 +33,8 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 pub use admin_api::{DrainParams, FieldError, MAX_REASON_BYTES, close_code_allowed, parse_drain};
 use sessions::Sessions;
 
+use crate::net::text;
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct EchoArgs {
     /// Public WebSocket (and plain HTTP) address.
@@ -185,12 +187,6 @@ fn public_request(req: Request<Incoming>, app: Arc<App>) -> Response<Full<Bytes>
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    resp
-}
-
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *resp.status_mut() = status;
     resp
 }
 

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::metrics::{Metrics, Outcome};
 use super::review::{Reply, review};
 use crate::inject::InjectSettings;
+use crate::net::text;
 
 /// The API server sends one pod per request; 3 MiB is etcd's object limit (1.5 MiB)
 /// with room for the AdmissionReview envelope and oldObject.
@@ -237,14 +238,4 @@ fn log(reply: &Reply, took: Duration) {
             tracing::warn!(%uid, status = reply.status.as_u16(), error = %note, "bad admission request")
         }
     }
-}
-
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
 }
