@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -41,8 +40,6 @@ struct Shared {
     timings: Timings,
     drain_timeout: Duration,
     io: Io,
-    /// Set right after the drain is in place; /readyz reads it without a lock.
-    draining: AtomicBool,
     drain: Mutex<Option<Drain>>,
     done: watch::Sender<Option<Summary>>,
     notices: broadcast::Sender<Notice>,
@@ -63,7 +60,6 @@ impl Drainer {
                 timings,
                 drain_timeout,
                 io,
-                draining: AtomicBool::new(false),
                 drain: Mutex::new(None),
                 done,
                 notices,
@@ -76,8 +72,9 @@ impl Drainer {
         self.shared.notices.subscribe()
     }
 
+    /// True from the first trigger on (the drain exists from then on).
     pub fn is_draining(&self) -> bool {
-        self.shared.draining.load(Ordering::SeqCst)
+        lock(&self.shared.drain).is_some()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -156,8 +153,7 @@ impl Drainer {
     /// the pod unready with no drain behind it.
     pub fn start(&self, trigger: Trigger) {
         {
-            // The lock makes "first trigger" exact; the drain is in place before /readyz
-            // flips, so /status never says Serving while /readyz already says 503.
+            // The lock makes "first trigger" exact; /readyz and /status both read this.
             let mut drain = lock(&self.shared.drain);
             if drain.is_some() {
                 return;
@@ -171,7 +167,6 @@ impl Drainer {
                 deadline,
             ));
         }
-        self.shared.draining.store(true, Ordering::SeqCst);
         self.shared
             .io
             .metrics
