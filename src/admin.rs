@@ -105,6 +105,11 @@ impl AdminClient {
         Self { base, timeout }
     }
 
+    /// The bound of each call.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub async fn drain(&self, req: &DrainRequest) -> Result<DrainReply, AdminError> {
         let body = serde_json::to_vec(req).map_err(|e| AdminError::Http {
             call: DRAIN,

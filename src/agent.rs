@@ -56,7 +56,6 @@ impl Agent {
                 .admin_url
                 .clone()
                 .map(|url| AdminClient::new(url, cfg.admin_timeout)),
-            admin_timeout: cfg.admin_timeout,
             close_code: cfg.close_code,
             hint: cfg.hint.clone(),
             metrics: Arc::new(Metrics::new()),

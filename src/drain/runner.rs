@@ -29,7 +29,6 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Io {
     pub counter: Arc<Mutex<dyn CountSockets>>,
     pub admin: Option<AdminClient>,
-    pub admin_timeout: Duration,
     pub close_code: u16,
     pub hint: HintTemplate,
     pub metrics: Arc<Metrics>,
@@ -294,8 +293,9 @@ impl Drainer {
             .as_ref()
             .map(|d| d.deadline())
             .unwrap_or_else(Instant::now);
-        let limit = io
-            .admin_timeout
+        // The client bounds each call by its own timeout; here also by the deadline.
+        let limit = admin
+            .timeout()
             .min(deadline.saturating_duration_since(Instant::now()))
             .max(Duration::from_millis(1));
         let result = match tokio::time::timeout(limit, admin.drain(&req)).await {

@@ -49,7 +49,6 @@ fn drainer(counter: Scripted, timeout: Duration, probe: Option<DeadlineProbe>) -
     let io = Io {
         counter: Arc::new(Mutex::new(counter)),
         admin: None,
-        admin_timeout: Duration::from_secs(1),
         close_code: 1012,
         hint: HintTemplate::default(),
         metrics: Arc::new(Metrics::new()),
