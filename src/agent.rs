@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -147,14 +147,7 @@ fn spawn_kube(link: Arc<PodLink>, drainer: &Drainer, cfg: &AgentConfig) {
         let deletion = watch.wait_for_deletion().await;
         tracing::info!("pod deletion seen: draining");
         d.start(Trigger::PodDeletion);
-        let now = Instant::now();
-        d.shorten_deadline(kube::drain_deadline(
-            now + timeout,
-            now,
-            SystemTime::now(),
-            Some(deletion),
-            reserve,
-        ));
+        d.shorten_deadline(kube::deletion_deadline(deletion, timeout, reserve));
     });
     let metrics = drainer.metrics().clone();
     tokio::spawn(async move {

@@ -30,7 +30,7 @@ pub use deadline::drain_deadline;
 pub use events::{ACTION, event_for};
 pub use failures::{Call, Kind};
 pub use termination::{MAX_TERMINATION_MESSAGE, termination_message, write_termination_message};
-pub use wiring::{deadline_probe, follow_notices};
+pub use wiring::{deadline_probe, deletion_deadline, follow_notices};
 
 use crate::config::PodRef;
 use crate::drain::report::Notice;

@@ -21,18 +21,26 @@ pub fn deadline_probe(
         let link = link.clone();
         Box::pin(async move {
             let deletion = link.deletion_time().await?;
-            let now = Instant::now();
-            // The runner's own deadline is at most now + drain_timeout; anything later
-            // changes nothing, so that is the bound passed as "configured".
-            Some(drain_deadline(
-                now + drain_timeout,
-                now,
-                SystemTime::now(),
-                Some(deletion),
-                app_reserve,
-            ))
+            Some(deletion_deadline(deletion, drain_timeout, app_reserve))
         })
     })
+}
+
+/// `deletion − app_reserve` as an `Instant` from now, never later than a drain starting
+/// now could last (`drain_timeout`): the runner keeps the earlier of this and its own.
+pub fn deletion_deadline(
+    deletion: SystemTime,
+    drain_timeout: Duration,
+    app_reserve: Duration,
+) -> Instant {
+    let now = Instant::now();
+    drain_deadline(
+        now + drain_timeout,
+        now,
+        SystemTime::now(),
+        Some(deletion),
+        app_reserve,
+    )
 }
 
 /// Follows the drain's notices: the readiness-gate condition goes False at drain start,
