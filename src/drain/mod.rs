@@ -6,6 +6,7 @@ pub mod machine;
 pub mod pacing;
 pub mod report;
 pub mod runner;
+pub mod seams;
 
 #[cfg(test)]
 mod machine_tests;
