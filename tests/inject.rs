@@ -29,7 +29,7 @@ fn fixtures() -> PathBuf {
 
 fn read_yaml(path: &Path) -> Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// Runs one pod through `inject_pod` and returns what the golden file records.
@@ -105,9 +105,9 @@ fn golden_pods() {
         let got = outcome(&pod, &settings(ns, native));
         let out = fixtures().join(format!("{name}.out.yaml"));
         if update {
-            std::fs::write(&out, serde_yaml::to_string(&got).unwrap()).unwrap();
+            std::fs::write(&out, serde_norway::to_string(&got).unwrap()).unwrap();
         } else if read_yaml(&out) != got {
-            eprintln!("--- {name}: got\n{}", serde_yaml::to_string(&got).unwrap());
+            eprintln!("--- {name}: got\n{}", serde_norway::to_string(&got).unwrap());
             failed.push(name);
         }
     }
@@ -180,7 +180,7 @@ fn run_inject(input: &[u8], extra: &[&str], envs: &[(&str, &str)]) -> (String, S
 
 fn docs(text: &str) -> Vec<Value> {
     use serde::Deserialize;
-    serde_yaml::Deserializer::from_str(text)
+    serde_norway::Deserializer::from_str(text)
         .map(|d| Value::deserialize(d).unwrap())
         .collect()
 }
@@ -340,7 +340,7 @@ fn container_env(container: &Value, ip: &str) -> Vec<(String, String)> {
 
 fn golden_pod(name: &str) -> Value {
     let text = std::fs::read_to_string(fixtures().join(name)).expect("golden");
-    let doc: Value = serde_yaml::from_str(&text).expect("yaml");
+    let doc: Value = serde_norway::from_str(&text).expect("yaml");
     doc["pod"].clone()
 }
 

@@ -139,8 +139,8 @@ pub fn inject_documents(
             continue;
         }
         let n = i / 2 + 1;
-        let yaml: serde_yaml::Value =
-            serde_yaml::from_str(part).with_context(|| format!("document {n}"))?;
+        let yaml: serde_norway::Value =
+            serde_norway::from_str(part).with_context(|| format!("document {n}"))?;
         let kind = yaml.get("kind").and_then(|k| k.as_str()).unwrap_or("");
         let Some(pointer) = template_pointer(kind) else {
             out.push_str(part);
@@ -169,7 +169,7 @@ pub fn inject_documents(
                     report(format!("{label}: warning: {w}"));
                 }
                 report(format!("{label}: injected"));
-                out.push_str(&serde_yaml::to_string(&doc)?);
+                out.push_str(&serde_norway::to_string(&doc)?);
             }
         }
     }
