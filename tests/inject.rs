@@ -10,7 +10,8 @@ use std::process::{Command, Stdio};
 
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
-use wsdrain::inject::{Decision, InjectSettings, inject_pod};
+use wsdrain::inject::status::{Status, VERSION};
+use wsdrain::inject::{Decision, InjectSettings, inject_pod, uninject_pod};
 
 const TOKEN: &str = "test-token-0123456789";
 
@@ -41,16 +42,22 @@ fn outcome(pod: &Value, s: &InjectSettings) -> Value {
             let mut patched = pod.clone();
             json_patch::patch(&mut patched, &patch).expect("patch applies");
             if patched.get("kind").is_some() {
-                let typed: Pod = serde_json::from_value(patched.clone()).expect("a valid Pod");
-                assert_eq!(
-                    typed.metadata.annotations.unwrap()["wsdrain.io/status"],
-                    "injected"
-                );
+                let _: Pod = serde_json::from_value(patched.clone()).expect("a valid Pod");
             }
+            let status = Status::of(&patched).unwrap().expect("status written");
+            assert_eq!(
+                (status.version.as_str(), status.image.as_str()),
+                (VERSION, s.image.as_str())
+            );
             // Idempotency: the output, injected again, is left alone.
             match inject_pod(&patched, s) {
                 Ok(Decision::Skip { reason }) => assert!(reason.contains("already injected")),
                 other => panic!("second injection was not skipped: {other:?}"),
+            }
+            // Round trip: uninject gives back the pod exactly (unless it was an update,
+            // which gives back the pod before the first injection).
+            if Status::of(pod).unwrap().is_none() {
+                assert_eq!(&uninject_pod(&patched).unwrap().unwrap(), pod, "uninject");
             }
             // Ops and paths only: the values are visible in the patched pod.
             let ops: Vec<String> = patch
@@ -97,6 +104,8 @@ fn golden_pods() {
         ("bad-annotation", false, true),
         ("template-no-metadata", true, true),
         ("port-clash", false, true),
+        ("bad-container-port", false, true),
+        ("old-version", false, true),
     ];
     let update = std::env::var_os("UPDATE_GOLDEN").is_some();
     let mut failed = Vec::new();
@@ -107,7 +116,10 @@ fn golden_pods() {
         if update {
             std::fs::write(&out, serde_norway::to_string(&got).unwrap()).unwrap();
         } else if read_yaml(&out) != got {
-            eprintln!("--- {name}: got\n{}", serde_norway::to_string(&got).unwrap());
+            eprintln!(
+                "--- {name}: got\n{}",
+                serde_norway::to_string(&got).unwrap()
+            );
             failed.push(name);
         }
     }
@@ -142,6 +154,61 @@ fn errors_name_the_field() {
             .contains("spec")
     );
     assert!(inject_pod(&json!(42), &settings(true, true)).is_err());
+}
+
+#[test]
+fn invalid_container_ports_are_refused_naming_the_field() {
+    for (bad, list) in [
+        (json!(70000), "containers"),
+        (json!(-1), "containers"),
+        (json!(0), "containers"),
+        (json!("8080"), "containers"),
+        (json!(70000), "initContainers"),
+    ] {
+        let mut pod = read_yaml(&fixtures().join("basic.in.yaml"));
+        let c = json!({"name": "side", "image": "x", "ports": [{"containerPort": bad}]});
+        match list {
+            "containers" => pod["spec"]["containers"][0]["ports"][0]["containerPort"] = bad.clone(),
+            _ => pod["spec"]["initContainers"] = json!([c]),
+        }
+        let err = inject_pod(&pod, &settings(false, true)).unwrap_err();
+        assert_eq!(
+            err.field,
+            format!("spec.{list}[0].ports[0].containerPort"),
+            "{bad}"
+        );
+        assert!(
+            err.reason.contains("is not a port number (1-65535)"),
+            "{err}"
+        );
+    }
+}
+
+/// A 1 MB annotation value is not copied whole into errors and warnings.
+#[test]
+fn oversized_values_are_truncated_in_messages() {
+    let huge = "9".repeat(1 << 20);
+    let mut pod = read_yaml(&fixtures().join("basic.in.yaml"));
+    pod["metadata"]["annotations"]["wsdrain.io/drain-timeout"] = json!(format!("{huge}x"));
+    let err = inject_pod(&pod, &settings(false, true))
+        .unwrap_err()
+        .to_string();
+    assert!(err.len() < 1024, "{} bytes", err.len());
+    assert!(
+        err.contains(&format!("({} bytes)", huge.len() + 1)),
+        "{err}"
+    );
+
+    let mut pod = read_yaml(&fixtures().join("basic.in.yaml"));
+    pod["metadata"]["annotations"][format!("wsdrain.io/{huge}")] = json!("x");
+    pod["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] = json!(huge);
+    let Ok(Decision::Patch { warnings, .. }) = inject_pod(&pod, &settings(false, true)) else {
+        panic!("not patched")
+    };
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    for w in warnings {
+        assert!(w.len() < 1024 && w.contains("bytes)"), "{} bytes", w.len());
+    }
 }
 
 #[test]
@@ -232,9 +299,159 @@ fn cli_injects_only_pod_templates() {
     kubernetes_validate(&out);
 
     // Idempotent: the output goes through unchanged.
-    let (again, err) = run_inject(out.as_bytes(), &[], &[]);
+    let (again, err) = run_inject(
+        out.as_bytes(),
+        &["--image", "ghcr.io/wsdrain/wsdrain:test"],
+        &[],
+    );
     assert_eq!(again, out);
     assert!(err.contains("already injected"), "{err}");
+}
+
+fn run_wsdrain(args: &[&str], input: &[u8]) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wsdrain"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// Depth 100k took 16.7 s (quadratic) before "recursion limit exceeded".
+#[test]
+fn cli_refuses_deep_nesting_early() {
+    let deep = format!(
+        "kind: Pod\nmetadata: {{name: x}}\nspec: {}{}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let started = std::time::Instant::now();
+    let (ok, out, err) = run_wsdrain(&["inject", "-f", "-"], deep.as_bytes());
+    assert!(!ok && out.is_empty());
+    assert!(
+        err.contains("document 1") && err.contains("nested more than 128 levels"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// A BOM gave "more than one document"; `<<: *anchor` was not applied, so the pod was
+/// skipped for lack of ports. Both as kubectl reads them.
+#[test]
+fn cli_reads_bom_and_merge_keys() {
+    let basic = std::fs::read(fixtures().join("basic.in.yaml")).unwrap();
+    let mut bom = "\u{feff}".as_bytes().to_vec();
+    bom.extend_from_slice(&basic);
+    let (ok, out, err) = run_wsdrain(&["inject", "-f", "-"], &bom);
+    assert!(ok, "{err}");
+    assert!(err.contains("Pod/echo: injected"), "{err}");
+    assert!(!out.starts_with('\u{feff}'));
+
+    let merged = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: merged}
+spec:
+  selector: {matchLabels: {app: m}}
+  template:
+    metadata:
+      labels: {app: m, wsdrain.io/inject: \"true\"}
+    spec:
+      containers:
+      - &logger
+        name: logger
+        image: example/logger:1
+        ports: [{name: ws, containerPort: 8080}]
+      - <<: *logger
+        name: app
+        image: example/app:1
+";
+    let (ok, out, err) = run_wsdrain(&["inject", "-f", "-"], merged.as_bytes());
+    assert!(ok, "{err}");
+    assert!(err.contains("Deployment/merged: injected"), "{err}");
+    let doc = &docs(&out)[0];
+    let app = doc.pointer("/spec/template/spec/containers/1").unwrap();
+    assert_eq!(app["image"], "example/app:1");
+    assert_eq!(app["ports"][0]["containerPort"], 8080);
+    assert!(app.get("<<").is_none());
+    kubernetes_validate(&out);
+}
+
+/// `kind: List` (what `kubectl get -o yaml` prints), a directory read recursively, and
+/// `uninject` giving back what went in.
+#[test]
+fn cli_lists_directories_and_uninject_round_trip() {
+    let input = std::fs::read_to_string(fixtures().join("cli-workloads.yaml")).unwrap();
+    let items: Vec<Value> = docs(&input);
+    let list =
+        serde_norway::to_string(&json!({"apiVersion": "v1", "kind": "List", "items": items}))
+            .unwrap();
+    let image = "ghcr.io/wsdrain/wsdrain:test";
+    let (ok, out, err) = run_wsdrain(&["inject", "--image", image, "-f", "-"], list.as_bytes());
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("List/items[0] Deployment/echo: injected"),
+        "{err}"
+    );
+    assert!(
+        err.contains("List/items[1] CronJob/nightly: injected"),
+        "{err}"
+    );
+    let injected = &docs(&out)[0];
+    assert_eq!(
+        injected
+            .pointer("/items/0/spec/template/spec/initContainers/0/name")
+            .unwrap(),
+        "wsdrain"
+    );
+    assert_eq!(injected["items"][2], items[2], "the ConfigMap is untouched");
+    kubernetes_validate(&out);
+    let (ok, back, err) = run_wsdrain(&["uninject", "-f", "-"], out.as_bytes());
+    assert!(ok, "{err}");
+    assert_eq!(docs(&back)[0]["items"], json!(items));
+
+    // A directory: files below it, sorted, recursively; other files ignored.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    std::fs::write(dir.path().join("a.yaml"), &input).unwrap();
+    std::fs::write(
+        dir.path().join("sub/b.yml"),
+        std::fs::read(fixtures().join("basic.in.yaml")).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "kind: Pod\n").unwrap();
+    let path = dir.path().to_str().unwrap();
+    let (ok, out, err) = run_wsdrain(&["inject", "--image", image, "-f", path], b"");
+    assert!(ok, "{err}");
+    assert_eq!(err.matches(": injected").count(), 3, "{err}");
+    let injected = docs(&out);
+    assert_eq!(injected.len(), 5);
+    kubernetes_validate(&out);
+
+    // uninject restores every document; untouched ones byte for byte.
+    let file = dir.path().join("sub/injected.yaml");
+    std::fs::write(&file, &out).unwrap();
+    let (ok, back, err) = run_wsdrain(&["uninject", "-f", file.to_str().unwrap()], b"");
+    assert!(ok, "{err}");
+    assert_eq!(err.matches(": uninjected").count(), 3, "{err}");
+    let mut original = docs(&input);
+    original.extend(docs(
+        &std::fs::read_to_string(fixtures().join("basic.in.yaml")).unwrap(),
+    ));
+    assert_eq!(docs(&back), original);
+    assert!(back.contains(&input[input.find("# Not a workload").unwrap()..]));
 }
 
 #[test]
@@ -275,7 +492,7 @@ fn cli_flags_and_random_tokens() {
     assert!(err.contains("not opted in"), "{err}");
     assert_eq!(out.as_bytes(), &pod[..]);
     let (out, _) = run_inject(&pod, &["--namespace-opted-in"], &[]);
-    assert!(out.contains("wsdrain.io/status: injected"), "{out}");
+    assert!(out.contains("wsdrain.io/status: '{\"version\""), "{out}");
 }
 
 #[test]
@@ -308,8 +525,12 @@ fn sidecar_yaml_is_what_inject_produces() {
         .to_string();
     let source = std::fs::read(fixtures().join("sidecar-source.yaml")).unwrap();
     let (out, _) = run_inject(&source, &[], &[("WSDRAIN_INJECT_TOKEN", &token)]);
-    let body = shipped.split_once("\n---\n").expect("header, then ---").1;
-    assert_eq!(body, out, "regenerate sidecar.yaml (see its header)");
+    let (header, body) = shipped.split_once("\n---\n").expect("header, then ---");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(root.join("sidecar.yaml"), format!("{header}\n---\n{out}")).unwrap();
+        return;
+    }
+    assert_eq!(body, out, "regenerate sidecar.yaml (UPDATE_GOLDEN=1)");
 }
 
 /// Expands `$(VAR)` the way the kubelet does, from `vars`.

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use super::InjectError;
+use super::{InjectError, clip, shown};
 use crate::config::{check_close_code, format_duration, parse_duration, parse_range};
 
 pub const PREFIX: &str = "wsdrain.io/";
@@ -94,11 +94,15 @@ impl Options {
             match get(name)? {
                 None => Ok(None),
                 Some(raw) => match parse_duration(&raw) {
-                    Ok(d) if d.is_zero() => {
-                        Err(bad(&key(name), format!("{raw:?} must be more than 0")))
-                    }
+                    Ok(d) if d.is_zero() => Err(bad(
+                        &key(name),
+                        format!("{} must be more than 0", shown(&raw)),
+                    )),
                     Ok(d) => Ok(Some(d)),
-                    Err(e) => Err(bad(&key(name), format!("{raw:?} is not a duration: {e}"))),
+                    Err(e) => Err(bad(
+                        &key(name),
+                        format!("{} is not a duration: {}", shown(&raw), clip(&e)),
+                    )),
                 },
             }
         };
@@ -109,7 +113,7 @@ impl Options {
             } else {
                 Err(bad(
                     &key(name),
-                    format!("{value:?} is not one of {}", allowed.join(", ")),
+                    format!("{} is not one of {}", shown(&value), allowed.join(", ")),
                 ))
             }
         };
@@ -130,9 +134,12 @@ impl Options {
         let settle_max = duration("settle-max")?;
         let close_code = get("close-code")?
             .map(|raw| {
-                let code: u16 = raw
-                    .parse()
-                    .map_err(|_| bad(&key("close-code"), format!("{raw:?} is not a number")))?;
+                let code: u16 = raw.parse().map_err(|_| {
+                    bad(
+                        &key("close-code"),
+                        format!("{} is not a number", shown(&raw)),
+                    )
+                })?;
                 check_close_code(code).map_err(|e| bad(&key("close-code"), e))?;
                 Ok::<u16, InjectError>(code)
             })
@@ -141,12 +148,16 @@ impl Options {
             .map(|raw| match parse_range(&raw) {
                 Ok(r) if r.max > Duration::from_secs(3600) => Err(bad(
                     &key("reconnect-after"),
-                    format!("{raw:?}: at most 1h (got {})", format_duration(r.max)),
+                    format!(
+                        "{}: at most 1h (got {})",
+                        shown(&raw),
+                        format_duration(r.max)
+                    ),
                 )),
                 Ok(_) => Ok(raw),
                 Err(e) => Err(bad(
                     &key("reconnect-after"),
-                    format!("{raw:?} is not a range: {e}"),
+                    format!("{} is not a range: {}", shown(&raw), clip(&e)),
                 )),
             })
             .transpose()?;
@@ -169,7 +180,7 @@ impl Options {
             .keys()
             .filter_map(|k| k.strip_prefix(PREFIX).map(|name| (k, name)))
             .filter(|(_, name)| !KNOWN.contains(name))
-            .map(|(k, _)| format!("unknown annotation {k} ignored (typo?)"))
+            .map(|(k, _)| format!("unknown annotation {} ignored (typo?)", shown(k)))
             .collect();
 
         Ok(Options {
@@ -195,13 +206,14 @@ fn parse_ports(raw: &str) -> Result<Vec<PortRef>, String> {
         let port = if item.bytes().all(|b| b.is_ascii_digit()) && !item.is_empty() {
             match item.parse::<u16>() {
                 Ok(p) if p > 0 => PortRef::Number(p),
-                _ => return Err(format!("{item:?} is not a port number (1-65535)")),
+                _ => return Err(format!("{} is not a port number (1-65535)", shown(item))),
             }
         } else if is_port_name(item) {
             PortRef::Name(item.to_string())
         } else {
             return Err(format!(
-                "{item:?} is neither a port number nor a containerPort name"
+                "{} is neither a port number nor a containerPort name",
+                shown(item)
             ));
         };
         if !out.contains(&port) {

@@ -14,7 +14,7 @@ pub fn pointer(tokens: &[&str]) -> String {
         .collect()
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Ops(Vec<(bool, String, Value)>);
 
 impl Ops {

@@ -8,7 +8,10 @@ use serde_json::{Map, Value, json};
 use super::containers::{self, AgentPlan, COPY_NAME};
 use super::options::{self, Grace, Mode, Options, PortRef, Sidecar};
 use super::patch::Ops;
-use super::{AGENT_NAME, Decision, INJECT_LABEL, InjectError, InjectSettings, STATUS_ANNOTATION};
+use super::status::{Status, VERSION};
+use super::{
+    AGENT_NAME, Decision, INJECT_LABEL, InjectError, InjectSettings, STATUS_ANNOTATION, clip, shown,
+};
 use crate::config::format_duration;
 
 /// The readiness-gate condition the agent patches (one name for both sides).
@@ -33,13 +36,104 @@ fn skip<T>(reason: impl Into<String>) -> Result<T, Stop> {
 }
 
 pub fn decide(pod: &Value, settings: &InjectSettings) -> Result<Decision, InjectError> {
-    match plan(pod, settings) {
-        Ok((ops, warnings)) => Ok(Decision::Patch {
-            patch: ops.into_patch()?,
-            warnings,
+    let status = match Status::of(pod) {
+        Ok(None) => return fresh(pod, settings),
+        Ok(Some(status)) => status,
+        Err(_) => {
+            let raw = pod["metadata"]["annotations"][STATUS_ANNOTATION].to_string();
+            return Ok(Decision::Skip {
+                reason: format!(
+                    "already injected ({STATUS_ANNOTATION}: {}, written by an older wsdrain: not updated)",
+                    clip(&raw)
+                ),
+            });
+        }
+    };
+    if status.version == VERSION && status.image == settings.image {
+        return Ok(Decision::Skip {
+            reason: format!(
+                "already injected (wsdrain {}, image {})",
+                status.version,
+                shown(&status.image)
+            ),
+        });
+    }
+    // Injected by another version or with another image: undo, inject again, and
+    // patch the difference.
+    let original = status.undo(pod)?;
+    match fresh(&original, settings)? {
+        Decision::Skip { reason } => Ok(Decision::Skip {
+            reason: format!(
+                "injected by wsdrain {} and not updated: {reason}",
+                status.version
+            ),
         }),
-        Err(Stop::Skip(reason)) => Ok(Decision::Skip { reason }),
-        Err(Stop::Error(e)) => Err(e),
+        Decision::Patch {
+            patch,
+            mut warnings,
+        } => {
+            let mut updated = original;
+            json_patch::patch(&mut updated, &patch)
+                .map_err(|e| InjectError::new("spec", format!("patch does not apply: {e}")))?;
+            warnings.push(format!(
+                "updated the agent injected by wsdrain {} (image {}) to wsdrain {VERSION} (image {})",
+                status.version,
+                shown(&status.image),
+                shown(&settings.image)
+            ));
+            Ok(Decision::Patch {
+                patch: json_patch::diff(pod, &updated),
+                warnings,
+            })
+        }
+    }
+}
+
+/// The pod as it was before injection; `None` when it carries no status.
+pub fn undo(pod: &Value) -> Result<Option<Value>, InjectError> {
+    Status::of(pod)?.map(|s| s.undo(pod)).transpose()
+}
+
+/// Injection into a pod that carries no status.
+fn fresh(pod: &Value, settings: &InjectSettings) -> Result<Decision, InjectError> {
+    let (mut ops, warnings) = match plan(pod, settings) {
+        Ok(planned) => planned,
+        Err(Stop::Skip(reason)) => return Ok(Decision::Skip { reason }),
+        Err(Stop::Error(e)) => return Err(e),
+    };
+    // The status records the undo patch, computed on the pod with a placeholder
+    // status so that undoing removes the annotation (and a map created for it) too.
+    let mut injected = pod.clone();
+    let mut probe = ops.clone();
+    add_status(pod, &mut probe, String::new());
+    json_patch::patch(&mut injected, &probe.into_patch()?)
+        .map_err(|e| InjectError::new("spec", format!("patch does not apply: {e}")))?;
+    let status = Status::new(&settings.image, pod, &injected);
+    add_status(pod, &mut ops, status.to_annotation());
+    Ok(Decision::Patch {
+        patch: ops.into_patch()?,
+        warnings: warnings.iter().map(|w| clip(w)).collect(),
+    })
+}
+
+fn add_status(pod: &Value, ops: &mut Ops, value: String) {
+    match pod.get("metadata") {
+        // Templates may lack metadata altogether.
+        None | Some(Value::Null) => {
+            ops.add(
+                &["metadata"],
+                json!({"annotations": {STATUS_ANNOTATION: value}}),
+            );
+        }
+        Some(metadata) => {
+            let exists = metadata.get("annotations").is_some_and(Value::is_object);
+            ops.set(
+                &["metadata", "annotations"],
+                exists,
+                STATUS_ANNOTATION,
+                json!(value),
+            );
+        }
     }
 }
 
@@ -93,16 +187,13 @@ fn plan(pod: &Value, settings: &InjectSettings) -> Result<(Ops, Vec<String>), St
             ));
         }
         Some(other) => {
+            let value = other.map_or_else(|| "a non-string".into(), shown);
             return Err(InjectError::new(
                 format!("metadata.labels[\"{INJECT_LABEL}\"]"),
-                format!("{other:?} is neither \"true\" nor \"false\""),
+                format!("{value} is neither \"true\" nor \"false\""),
             )
             .into());
         }
-    }
-    if let Some(status) = annotations.get(STATUS_ANNOTATION) {
-        let status = status.as_str().unwrap_or("?");
-        return skip(format!("already injected ({STATUS_ANNOTATION}: {status})"));
     }
 
     let spec =
@@ -115,9 +206,14 @@ fn plan(pod: &Value, settings: &InjectSettings) -> Result<(Ops, Vec<String>), St
     let options = Options::parse(annotations)?;
     let mut warnings = options.warnings.clone();
 
+    check_ports(containers, "spec.containers")?;
+    check_ports(init.into_iter().flatten(), "spec.initContainers")?;
     let all = || containers.iter().chain(init.into_iter().flatten());
     if let Some(c) = all().find(|c| [AGENT_NAME, COPY_NAME].contains(&name_of(c))) {
-        return skip(format!("a container named {:?} already exists", name_of(c)));
+        return skip(format!(
+            "a container named {} already exists",
+            shown(name_of(c))
+        ));
     }
     if spec.get("hostNetwork") == Some(&Value::Bool(true)) {
         return skip(
@@ -126,8 +222,8 @@ fn plan(pod: &Value, settings: &InjectSettings) -> Result<(Ops, Vec<String>), St
     }
     if let Some(c) = all().find(|c| declared_ports(c).iter().any(|p| p.1 == settings.agent_port)) {
         return skip(format!(
-            "container {:?} uses port {}, the agent's port",
-            name_of(c),
+            "container {} uses port {}, the agent's port",
+            shown(name_of(c)),
             settings.agent_port
         ));
     }
@@ -135,30 +231,17 @@ fn plan(pod: &Value, settings: &InjectSettings) -> Result<(Ops, Vec<String>), St
     let app_idx = choose_app(containers, annotations, &options, &mut warnings)?;
     let app = &containers[app_idx];
     let app_name = name_of(app).to_string();
+    let app_shown = shown(&app_name);
     let ports = match resolve_ports(app, &options)? {
         p if p.is_empty() => {
             return skip(format!(
-                "container {app_name:?} declares no TCP containerPorts; name the app ports in wsdrain.io/ports"
+                "container {app_shown} declares no TCP containerPorts; name the app ports in wsdrain.io/ports"
             ));
         }
         p => p,
     };
 
     let mut ops = Ops::default();
-    if pod.get("metadata").is_none_or(Value::is_null) {
-        // Templates may lack metadata altogether.
-        ops.add(
-            &["metadata"],
-            json!({"annotations": {STATUS_ANNOTATION: "injected"}}),
-        );
-    } else {
-        ops.set(
-            &["metadata", "annotations"],
-            annotations_obj.is_some(),
-            STATUS_ANNOTATION,
-            json!("injected"),
-        );
-    }
 
     let (grace_secs, drain_timeout) = fit_grace(spec, &options, settings, &mut ops, &mut warnings)?;
     let plan = AgentPlan {
@@ -203,7 +286,7 @@ fn plan(pod: &Value, settings: &InjectSettings) -> Result<(Ops, Vec<String>), St
             let lifecycle = object(app, &["lifecycle"], &format!("{field}.lifecycle"))?;
             if lifecycle.is_some_and(|l| l.get("preStop").is_some_and(|p| !p.is_null())) {
                 warnings.push(format!(
-                    "container {app_name:?} already has a preStop hook: kept, no wsdrain hook added, so the drain will not hold its SIGTERM"
+                    "container {app_shown} already has a preStop hook: kept, no wsdrain hook added, so the drain will not hold its SIGTERM"
                 ));
             } else {
                 let mut p = app_path.to_vec();
@@ -221,7 +304,7 @@ fn plan(pod: &Value, settings: &InjectSettings) -> Result<(Ops, Vec<String>), St
                 Some(c) if !c.is_empty() => c,
                 _ => {
                     return skip(format!(
-                        "wsdrain.io/mode: wrap needs the command of container {app_name:?} in the pod spec (it runs the image ENTRYPOINT, which the injector cannot see); set command, or use mode sidecar"
+                        "wsdrain.io/mode: wrap needs the command of container {app_shown} in the pod spec (it runs the image ENTRYPOINT, which the injector cannot see); set command, or use mode sidecar"
                     ));
                 }
             };
@@ -285,7 +368,8 @@ fn choose_app(
             InjectError::new(
                 options::field("wsdrain.io/app-container"),
                 format!(
-                    "no container named {name:?} (containers: {})",
+                    "no container named {} (containers: {})",
+                    shown(name),
                     names.join(", ")
                 ),
             )
@@ -295,11 +379,41 @@ fn choose_app(
         match find(name) {
             Some(i) => return Ok(i),
             None => warnings.push(format!(
-                "{DEFAULT_CONTAINER} names {name:?}, which is not a container: drained the first container instead"
+                "{DEFAULT_CONTAINER} names {}, which is not a container: drained the first container instead", shown(name)
             )),
         }
     }
     Ok(0)
+}
+
+/// Every containerPort must be a port number: the API server would refuse the pod,
+/// and a dropped one would leave the agent counting nothing.
+fn check_ports<'a>(
+    containers: impl IntoIterator<Item = &'a Value>,
+    list: &str,
+) -> Result<(), InjectError> {
+    for (i, c) in containers.into_iter().enumerate() {
+        let Some(ports) = c.get("ports").filter(|p| !p.is_null()) else {
+            continue;
+        };
+        let ports = ports
+            .as_array()
+            .ok_or_else(|| InjectError::new(format!("{list}[{i}].ports"), "is not a list"))?;
+        for (j, p) in ports.iter().enumerate() {
+            let field = format!("{list}[{i}].ports[{j}].containerPort");
+            match p.get("containerPort") {
+                Some(v) if v.as_u64().is_some_and(|n| (1..=65535).contains(&n)) => {}
+                Some(v) => {
+                    return Err(InjectError::new(
+                        field,
+                        format!("{} is not a port number (1-65535)", clip(&v.to_string())),
+                    ));
+                }
+                None => return Err(InjectError::new(field, "missing")),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// (name, port, protocol) of each well-formed containerPort.
@@ -335,8 +449,9 @@ fn resolve_ports(app: &Value, options: &Options) -> Result<Vec<u16>, InjectError
                             InjectError::new(
                                 options::field("wsdrain.io/ports"),
                                 format!(
-                                    "container {:?} has no containerPort named {name:?}",
-                                    name_of(app)
+                                    "container {} has no containerPort named {}",
+                                    shown(name_of(app)),
+                                    shown(name)
                                 ),
                             )
                         })?,
