@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""The offline checks kubernetes-validate cannot do (called by validate-manifests.sh):
+
+- CRD kinds (PodMonitor, PrometheusRule, ScaledObject, Certificate, ...) against the
+  schemas vendored in scripts/crd-schemas/, strictly: an unknown field is an error, as
+  with `kubernetes-validate --strict`. A CRD kind without a vendored schema is an error.
+- PromQL: every alert/record expression, every KEDA prometheus trigger query and every
+  Grafana panel query parses (promql-parser, the Prometheus grammar), and every
+  `wsdrain_*` series it reads is registered somewhere in src/.
+- Grafana dashboards (*.json) parse as JSON and have uid, title and panels.
+
+    check-manifests.py FILE...     # YAML manifests and dashboard JSON
+"""
+import glob
+import json
+import os
+import re
+import sys
+
+import jsonschema
+import promql_parser
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCHEMAS = os.path.join(ROOT, "scripts", "crd-schemas")
+
+# Series suffixes the exposition adds to a registered name.
+SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_info", "_created")
+UNITS = ("_seconds", "_bytes")
+
+# ObjectMeta as manifests use it; the CRD schemas only say `type: object`.
+METADATA = {
+    "type": "object",
+    "required": ["name"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "namespace": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+
+
+def is_core(api_version):
+    """Kinds kubernetes-validate has schemas for: the built-in API groups."""
+    group = api_version.rpartition("/")[0]
+    return "." not in group or group.endswith(".k8s.io")
+
+
+def strict(node):
+    """Unknown fields become errors, except where the CRD says fields are free-form."""
+    if isinstance(node, list):
+        return [strict(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: strict(v) for k, v in node.items()}
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+def load_schema(api_version, kind):
+    group, _, version = api_version.rpartition("/")
+    path = os.path.join(SCHEMAS, f"{group}_{version}_{kind}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        schema = strict(json.load(f))
+    schema.setdefault("properties", {})["metadata"] = METADATA
+    schema.setdefault("required", [])
+    for field in ("apiVersion", "kind", "metadata"):
+        if field not in schema["required"]:
+            schema["required"].append(field)
+    return schema
+
+
+def registered_metrics():
+    """Every name a prometheus-client registry in src/ can expose, with its prefixes."""
+    prefixes, names = {""}, set()
+    for path in glob.glob(os.path.join(ROOT, "src", "**", "*.rs"), recursive=True):
+        with open(path) as f:
+            text = f.read()
+        prefixes.update(re.findall(r'with_prefix\(\s*"([a-z0-9_]+)"', text))
+        names.update(re.findall(r'\.register(?:_with_unit)?\(\s*"([a-z0-9_]+)"', text))
+    full = set()
+    for p in prefixes:
+        for n in names:
+            base = f"{p}_{n}" if p else n
+            full.add(base)
+            full.update(base + u for u in UNITS)
+    return full
+
+
+def exists(name, known):
+    if name in known:
+        return True
+    return any(name.endswith(s) and name[: -len(s)] in known for s in SUFFIXES)
+
+
+class Checker:
+    def __init__(self):
+        self.errors = []
+        self.checked = 0
+        self.queries = 0
+        self.known = registered_metrics()
+
+    def error(self, where, msg):
+        self.errors.append(f"{where}: {msg}")
+
+    def promql(self, where, expr):
+        self.queries += 1
+        try:
+            ast = promql_parser.parse(expr)
+        except ValueError as e:
+            self.error(where, f"PromQL does not parse: {e}: {expr!r}")
+            return
+        names = []
+
+        def visit(node):
+            if isinstance(node, promql_parser.VectorSelector) and node.name:
+                names.append(node.name)
+            return True
+
+        promql_parser.walk(ast, visit)
+        for name in names:
+            if name.startswith("wsdrain_") and not exists(name, self.known):
+                self.error(where, f"{name} is not a metric registered in src/")
+
+    def manifest(self, path, index, doc):
+        where = f"{path} #{index}"
+        api_version, kind = doc.get("apiVersion", ""), doc.get("kind", "")
+        if not api_version or not kind:
+            self.error(where, "no apiVersion/kind")
+            return
+        name = (doc.get("metadata") or {}).get("name", "?")
+        where = f"{path} {kind}/{name}"
+        if not is_core(api_version):
+            schema = load_schema(api_version, kind)
+            if schema is None:
+                self.error(
+                    where,
+                    f"no schema for {api_version} {kind} in scripts/crd-schemas/ "
+                    "(add it with scripts/vendor-crd-schemas.py CRD.yaml)",
+                )
+                return
+            for e in sorted(
+                jsonschema.Draft7Validator(schema).iter_errors(doc), key=lambda e: list(e.path)
+            ):
+                field = ".".join(str(p) for p in e.path) or "(root)"
+                self.error(where, f"{field}: {e.message}")
+            self.checked += 1
+        if kind == "PrometheusRule":
+            for group in (doc.get("spec") or {}).get("groups") or []:
+                for rule in group.get("rules") or []:
+                    label = rule.get("alert") or rule.get("record") or "?"
+                    self.promql(f"{where} {group.get('name')}/{label}", str(rule.get("expr", "")))
+        if kind == "ScaledObject":
+            for trigger in (doc.get("spec") or {}).get("triggers") or []:
+                if trigger.get("type") == "prometheus":
+                    query = (trigger.get("metadata") or {}).get("query", "")
+                    self.promql(f"{where} trigger", query)
+
+    def yaml_file(self, path):
+        try:
+            with open(path) as f:
+                docs = list(yaml.safe_load_all(f))
+        except yaml.YAMLError as e:
+            self.error(path, f"not YAML: {e}")
+            return
+        for i, doc in enumerate(docs):
+            if doc is not None:
+                self.manifest(path, i, doc)
+
+    def dashboard(self, path):
+        try:
+            with open(path) as f:
+                dash = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            self.error(path, f"not JSON: {e}")
+            return
+        for field in ("uid", "title", "panels"):
+            if not dash.get(field):
+                self.error(path, f"dashboard has no {field}")
+        self.checked += 1
+
+        def panels(items):
+            for p in items or []:
+                yield p
+                yield from panels(p.get("panels"))
+
+        for panel in panels(dash.get("panels")):
+            for target in panel.get("targets") or []:
+                if "expr" in target:
+                    where = f"{path} panel {panel.get('title')!r} {target.get('refId', '')}"
+                    self.promql(where, grafana_to_promql(target["expr"]))
+        for var in (dash.get("templating") or {}).get("list") or []:
+            query = var.get("query")
+            if isinstance(query, dict):
+                query = query.get("query")
+            m = re.match(r"label_values\((.*),\s*\w+\)$", query or "")
+            if m:
+                self.promql(f"{path} variable {var.get('name')}", grafana_to_promql(m.group(1)))
+
+
+def grafana_to_promql(expr):
+    """Grafana's variables replaced by values Prometheus would see."""
+    expr = re.sub(r"\$__(rate_interval|interval|range)\b", "5m", expr)
+    return re.sub(r"\$\{?(\w+)(:\w+)?\}?", ".*", expr)
+
+
+def main(paths):
+    c = Checker()
+    for path in paths:
+        if path.endswith(".json"):
+            c.dashboard(path)
+        else:
+            c.yaml_file(path)
+    for e in c.errors:
+        print(f"ERROR {e}")
+    print(
+        f"check-manifests: {c.checked} CRD-kind resources and dashboards checked, "
+        f"{c.queries} PromQL queries parsed, {len(c.errors)} errors"
+    )
+    return 1 if c.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
