@@ -10,6 +10,8 @@
 - Grafana dashboards (*.json) parse as JSON and have uid, title and panels.
 
     check-manifests.py FILE...     # YAML manifests and dashboard JSON
+    check-manifests.py --list      # the repo's manifests: sidecar.yaml and deploy/**/*.y*ml
+                                   # except kustomizations and the patches they name
 """
 import glob
 import json
@@ -213,6 +215,44 @@ def grafana_to_promql(expr):
     return re.sub(r"\$\{?(\w+)(:\w+)?\}?", ".*", expr)
 
 
+def list_manifests():
+    """Manifest files, relative to the repo root: what the validate and lint scripts check."""
+    patches = set()
+    for k in glob.glob(os.path.join(ROOT, "deploy", "**", "kustomization.y*ml"), recursive=True):
+        with open(k) as f:
+            doc = yaml.safe_load(f) or {}
+        refs = [p.get("path") for p in doc.get("patches") or [] if isinstance(p, dict)]
+        for key in ("patchesStrategicMerge", "patchesJson6902"):
+            refs += [p.get("path") if isinstance(p, dict) else p for p in doc.get(key) or []]
+        for ref in refs:
+            # Inline patches are YAML text, not file names.
+            if isinstance(ref, str) and "\n" not in ref:
+                patches.add(os.path.normpath(os.path.join(os.path.dirname(k), ref)))
+    files = [os.path.join(ROOT, "sidecar.yaml")]
+    for ext in ("yaml", "yml"):
+        files += glob.glob(os.path.join(ROOT, "deploy", "**", f"*.{ext}"), recursive=True)
+    keep = []
+    for f in sorted(files):
+        if os.path.basename(f).startswith("kustomization.") or os.path.normpath(f) in patches:
+            continue
+        if not is_manifest(f):
+            rel = os.path.relpath(f, ROOT)
+            print(f"note: {rel}: no document has apiVersion or kind (Helm values?): not validated", file=sys.stderr)
+            continue
+        keep.append(os.path.relpath(f, ROOT))
+    return keep
+
+
+def is_manifest(path):
+    """False for YAML that is no Kubernetes object at all, such as a Helm values file."""
+    try:
+        with open(path) as f:
+            docs = [d for d in yaml.safe_load_all(f) if d is not None]
+    except yaml.YAMLError:
+        return True  # let the validators report it
+    return not docs or any(isinstance(d, dict) and ("apiVersion" in d or "kind" in d) for d in docs)
+
+
 def main(paths):
     c = Checker()
     for path in paths:
@@ -230,4 +270,7 @@ def main(paths):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--list"]:
+        print("\n".join(list_manifests()))
+        sys.exit(0)
     sys.exit(main(sys.argv[1:]))

@@ -20,30 +20,11 @@ if [[ ! -x $kv ]] || ! $py -c 'import promql_parser, jsonschema, yaml' 2>/dev/nu
     exit 2
 fi
 
-# Files a kustomization uses as patches, one per line.
-patches=$($py - <<'EOF'
-import glob, os, yaml
-for k in glob.glob("deploy/**/kustomization.y*ml", recursive=True):
-    base = os.path.dirname(k)
-    with open(k) as f:
-        doc = yaml.safe_load(f) or {}
-    for p in doc.get("patches") or []:
-        if isinstance(p, dict) and p.get("path"):
-            print(os.path.normpath(os.path.join(base, p["path"])))
-    for key in ("patchesStrategicMerge", "patchesJson6902"):
-        for p in doc.get(key) or []:
-            path = p.get("path") if isinstance(p, dict) else p
-            if isinstance(path, str) and "\n" not in path:
-                print(os.path.normpath(os.path.join(base, path)))
-EOF
-)
-
-files=(sidecar.yaml)
-while IFS= read -r f; do
-    case $(basename "$f") in kustomization.yaml | kustomization.yml) continue ;; esac
-    grep -qxF "$f" <<<"$patches" && continue
-    files+=("$f")
-done < <(find deploy -type f \( -name '*.yaml' -o -name '*.yml' \) | sort)
+mapfile -t files < <($py scripts/check-manifests.py --list)
+if [[ ${#files[@]} -eq 0 ]]; then
+    echo "validate-manifests: no manifests found" >&2
+    exit 2
+fi
 mapfile -t dashboards < <(find deploy -type f -name '*.json' | sort)
 
 status=0
