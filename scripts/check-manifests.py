@@ -26,9 +26,16 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMAS = os.path.join(ROOT, "scripts", "crd-schemas")
 
-# Series suffixes the exposition adds to a registered name.
-SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_info", "_created")
-UNITS = ("_seconds", "_bytes")
+# The series prometheus-client exposes for each kind of metric registered as `base`.
+SERIES = {
+    "counter": ("_total", "_created"),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "info": ("_info",),
+}
+SERIES["unknown"] = tuple(sorted({s for v in SERIES.values() for s in v}))
+
+UNITS = ("_seconds", "_bytes")  # register_with_unit appends the unit
 
 # ObjectMeta as manifests use it; the CRD schemas only say `type: object`.
 METADATA = {
@@ -82,26 +89,46 @@ def load_schema(api_version, kind):
 
 
 def registered_metrics():
-    """Every name a prometheus-client registry in src/ can expose, with its prefixes."""
-    prefixes, names = {""}, set()
+    """Every series name the prometheus-client registries in src/ can expose.
+
+    A metric is registered as `registry.register("name", "help", x.clone())` under the
+    prefixes of its file's registries (all prefixes if the file makes none); its kind comes
+    from the declaration of `x` (`x: Family<L, Counter>`, `let x = Histogram::new(..)`),
+    which decides the suffixes: a counter is only `<name>_total`.
+    """
+    files = {}
     for path in glob.glob(os.path.join(ROOT, "src", "**", "*.rs"), recursive=True):
         with open(path) as f:
-            text = f.read()
-        prefixes.update(re.findall(r'with_prefix\(\s*"([a-z0-9_]+)"', text))
-        names.update(re.findall(r'\.register(?:_with_unit)?\(\s*"([a-z0-9_]+)"', text))
-    full = set()
-    for p in prefixes:
-        for n in names:
-            base = f"{p}_{n}" if p else n
-            full.add(base)
-            full.update(base + u for u in UNITS)
-    return full
+            files[path] = f.read()
+    code = "\n".join(files.values())
+    everywhere = {p for t in files.values() for p in re.findall(PREFIX, t)} or {""}
+    series = set()
+    for text in files.values():
+        prefixes = set(re.findall(PREFIX, text)) or everywhere
+        for m in re.finditer(REGISTER, text, re.S):
+            with_unit, name, arg = m.groups()
+            idents = re.findall(r"[a-z_][a-z0-9_]*", re.sub(r"\.clone\(\)|Box::new", "", arg))
+            kind = metric_kind(code, idents[-1]) if idents else "unknown"
+            units = UNITS if with_unit else ("",)
+            for p in prefixes:
+                base = f"{p}_{name}" if p else name
+                series.update(base + u + s for u in units for s in SERIES[kind])
+    return series
 
 
-def exists(name, known):
-    if name in known:
-        return True
-    return any(name.endswith(s) and name[: -len(s)] in known for s in SUFFIXES)
+PREFIX = r'with_prefix\(\s*"([a-z0-9_]+)"'
+REGISTER = r'\.register(_with_unit)?\(\s*"([a-z0-9_]+)"\s*,\s*"(?:[^"\\]|\\.)*"\s*,\s*([^;]*?)\)\s*;'
+
+
+def metric_kind(code, ident):
+    """The kind of the first declaration of `ident` that names a metric type."""
+    decls = re.finditer(rf"\b{ident}\s*:\s*([^\n=;]+)|\blet\s+(?:mut\s+)?{ident}\b[^=\n]*=\s*([^\n;]+)", code)
+    for decl in decls:
+        ty = decl.group(1) or decl.group(2)
+        for word, kind in (("Histogram", "histogram"), ("Counter", "counter"), ("Info", "info"), ("Gauge", "gauge")):
+            if word in ty:
+                return kind
+    return "unknown"
 
 
 class Checker:
@@ -130,8 +157,8 @@ class Checker:
 
         promql_parser.walk(ast, visit)
         for name in names:
-            if name.startswith("wsdrain_") and not exists(name, self.known):
-                self.error(where, f"{name} is not a metric registered in src/")
+            if name.startswith("wsdrain_") and name not in self.known:
+                self.error(where, f"{name} is not a series the code in src/ exposes")
 
     def manifest(self, path, index, doc):
         where = f"{path} #{index}"

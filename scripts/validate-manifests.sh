@@ -52,6 +52,19 @@ done
 
 $py scripts/check-manifests.py "${files[@]}" "${dashboards[@]}" || status=1
 
+# The checker must catch what it claims to: every mistake in the bad fixtures is reported.
+fixtures=tests/fixtures/manifests
+if out=$($py scripts/check-manifests.py "$fixtures"/bad.yaml "$fixtures"/*.json 2>&1); then
+    echo "validate-manifests: check-manifests.py passed the bad fixtures in $fixtures" >&2
+    status=1
+fi
+while IFS= read -r expected; do
+    if ! grep -qF -- "$expected" <<<"$out"; then
+        echo "validate-manifests: check-manifests.py missed: $expected" >&2
+        status=1
+    fi
+done <"$fixtures"/expected-errors.txt
+
 if [[ $status -ne 0 ]]; then
     echo "validate-manifests: FAILED" >&2
 fi
