@@ -6,7 +6,8 @@
   with `kubernetes-validate --strict`. A CRD kind without a vendored schema is an error.
 - PromQL: every alert/record expression, every KEDA prometheus trigger query and every
   Grafana panel query parses (promql-parser, the Prometheus grammar), and every
-  `wsdrain_*` series it reads is registered somewhere in src/.
+  `wsdrain_*` series it reads is one the code in src/ exposes (a renamed metric fails
+  here instead of emptying a panel).
 - Grafana dashboards (*.json) parse as JSON and have uid, title and panels.
 
     check-manifests.py FILE...     # YAML manifests and dashboard JSON
