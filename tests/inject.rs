@@ -143,7 +143,7 @@ fn errors_name_the_field() {
     let err = inject_pod(&pod, &settings(false, true)).unwrap_err();
     assert_eq!(
         err.to_string(),
-        r#"metadata.annotations["wsdrain.io/drain-timeout"]: "abc" is not a duration: 'abc' does not start with a number"#
+        r#"metadata.annotations["wsdrain.io/drain-timeout"]: "abc" is not a duration: expected number at 0"#
     );
     let not_a_pod =
         json!({"spec": {"containers": "x"}, "metadata": {"labels": {"wsdrain.io/inject": "true"}}});

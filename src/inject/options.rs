@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use super::{InjectError, clip, shown};
-use crate::config::{check_close_code, format_duration, parse_duration, parse_range};
+use crate::units::{check_close_code, format_duration, parse_duration, parse_range};
 
 pub const PREFIX: &str = "wsdrain.io/";
 
@@ -70,6 +70,12 @@ const KNOWN: &[&str] = &[
     "status",
 ];
 
+/// A parser's message that quotes the whole value, with the value shown truncated.
+fn reword(raw: &str, error: &str) -> String {
+    let detail = error.replace(&format!("'{}' ", raw.trim()), "");
+    format!("{} {}", shown(raw), clip(&detail))
+}
+
 /// Where an annotation lives, for error messages.
 pub fn field(key: &str) -> String {
     format!("metadata.annotations[\"{key}\"]")
@@ -99,10 +105,7 @@ impl Options {
                         format!("{} must be more than 0", shown(&raw)),
                     )),
                     Ok(d) => Ok(Some(d)),
-                    Err(e) => Err(bad(
-                        &key(name),
-                        format!("{} is not a duration: {}", shown(&raw), clip(&e)),
-                    )),
+                    Err(e) => Err(bad(&key(name), reword(&raw, &e))),
                 },
             }
         };
@@ -125,7 +128,7 @@ impl Options {
         let admin_url = get("admin-url")?
             .filter(|s| !s.is_empty())
             .map(|raw| {
-                crate::config::parse_admin_url(&raw)
+                crate::units::parse_admin_url(&raw)
                     .map(|_| raw)
                     .map_err(|e| bad(&key("admin-url"), e))
             })
@@ -155,10 +158,7 @@ impl Options {
                     ),
                 )),
                 Ok(_) => Ok(raw),
-                Err(e) => Err(bad(
-                    &key("reconnect-after"),
-                    format!("{} is not a range: {}", shown(&raw), clip(&e)),
-                )),
+                Err(e) => Err(bad(&key("reconnect-after"), reword(&raw, &e))),
             })
             .transpose()?;
         let sidecar = match choice("sidecar", &["native", "classic", "auto"], "auto")?.as_str() {
@@ -289,7 +289,8 @@ mod tests {
             r#"metadata.annotations["wsdrain.io/drain-timeout"]"#
         );
         assert!(
-            err.to_string().contains(r#""abc" is not a duration"#),
+            err.to_string()
+                .contains(r#""abc" is not a duration: expected number at 0"#),
             "{err}"
         );
         for (k, v) in [

@@ -12,7 +12,7 @@ use super::status::{Status, VERSION};
 use super::{
     AGENT_NAME, Decision, INJECT_LABEL, InjectError, InjectSettings, STATUS_ANNOTATION, clip, shown,
 };
-use crate::config::format_duration;
+use crate::units::format_duration;
 
 /// The readiness-gate condition the agent patches (one name for both sides).
 pub use crate::kube::SERVING_CONDITION as READINESS_CONDITION;
