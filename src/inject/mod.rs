@@ -9,6 +9,7 @@ use thiserror::Error;
 pub mod cli;
 mod containers;
 pub mod copy_self;
+mod mesh;
 mod options;
 mod patch;
 mod pod;

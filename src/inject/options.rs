@@ -28,6 +28,8 @@ pub enum Grace {
 pub enum Mode {
     Sidecar,
     Wrap,
+    /// Sidecar whose agent sits in the data path of the app port (`--proxy`).
+    Proxy,
 }
 
 /// A `wsdrain.io/ports` entry: a number or the name of a containerPort.
@@ -51,6 +53,18 @@ pub struct Options {
     pub readiness_gate: bool,
     pub grace: Grace,
     pub mode: Mode,
+    /// Port the proxy listens on (proxy mode; default app port + 10000).
+    pub proxy_port: Option<u16>,
+    /// Per-pod overrides of the agent container.
+    pub image: Option<String>,
+    pub resources: Resources,
+    /// `RUST_LOG` of the agent.
+    pub log_level: Option<String>,
+    /// Fleet awareness: the Service whose endpoints are the peers.
+    pub service: Option<String>,
+    pub rebalance: bool,
+    /// Sessions per second the whole fleet may close (a positive integer).
+    pub fleet_close_rate: Option<u32>,
     /// Unknown `wsdrain.io/*` annotations (likely typos).
     pub warnings: Vec<String>,
 }
@@ -67,8 +81,39 @@ const KNOWN: &[&str] = &[
     "readiness-gate",
     "grace",
     "mode",
+    "proxy-port",
+    "image",
+    "cpu-request",
+    "cpu-limit",
+    "memory-request",
+    "memory-limit",
+    "log-level",
+    "service",
+    "rebalance",
+    "fleet-close-rate",
     "status",
 ];
+
+/// Requests and limits of the agent container, as Kubernetes quantities.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resources {
+    pub cpu_request: String,
+    pub memory_request: String,
+    pub cpu_limit: Option<String>,
+    pub memory_limit: Option<String>,
+}
+
+impl Default for Resources {
+    /// No CPU limit: throttling the agent would slow the drain.
+    fn default() -> Self {
+        Resources {
+            cpu_request: "10m".into(),
+            memory_request: "16Mi".into(),
+            cpu_limit: None,
+            memory_limit: Some("64Mi".into()),
+        }
+    }
+}
 
 /// A parser's message that quotes the whole value, with the value shown truncated.
 fn reword(raw: &str, error: &str) -> String {
@@ -171,10 +216,137 @@ impl Options {
             "raise" => Grace::Raise,
             _ => Grace::Clamp,
         };
-        let mode = match choice("mode", &["sidecar", "wrap"], "sidecar")?.as_str() {
+        let mode = match choice("mode", &["sidecar", "wrap", "proxy"], "sidecar")?.as_str() {
             "wrap" => Mode::Wrap,
+            "proxy" => Mode::Proxy,
             _ => Mode::Sidecar,
         };
+        let proxy_port = get("proxy-port")?
+            .map(|raw| match raw.parse::<u16>() {
+                Ok(p) if p > 0 => Ok(p),
+                _ => Err(bad(
+                    &key("proxy-port"),
+                    format!("{} is not a port number (1-65535)", shown(&raw)),
+                )),
+            })
+            .transpose()?;
+        if proxy_port.is_some() && mode != Mode::Proxy {
+            return Err(bad(
+                &key("proxy-port"),
+                "only means something with wsdrain.io/mode: proxy",
+            ));
+        }
+        let image = get("image")?
+            .map(|raw| {
+                if raw.is_empty()
+                    || raw.len() > 512
+                    || raw.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    Err(bad(
+                        &key("image"),
+                        format!("{} is not an image reference", shown(&raw)),
+                    ))
+                } else {
+                    Ok(raw)
+                }
+            })
+            .transpose()?;
+        let quantity = |name: &str| -> Result<Option<(String, f64)>, InjectError> {
+            get(name)?
+                .map(|raw| match parse_quantity(&raw) {
+                    Some(v) if v > 0.0 => Ok((raw, v)),
+                    _ => Err(bad(
+                        &key(name),
+                        format!(
+                            "{} is not a positive quantity (e.g. 50m, 0.5, 32Mi, 1Gi)",
+                            shown(&raw)
+                        ),
+                    )),
+                })
+                .transpose()
+        };
+        let mut resources = Resources::default();
+        for (what, request, limit) in [
+            ("cpu", &mut resources.cpu_request, &mut resources.cpu_limit),
+            (
+                "memory",
+                &mut resources.memory_request,
+                &mut resources.memory_limit,
+            ),
+        ] {
+            let asked_request = quantity(&format!("{what}-request"))?;
+            let asked_limit = quantity(&format!("{what}-limit"))?;
+            if let Some((raw, _)) = &asked_limit {
+                *limit = Some(raw.clone());
+            }
+            let limit_value = limit.as_deref().and_then(parse_quantity);
+            match asked_request {
+                Some((raw, v)) => {
+                    if limit_value.is_some_and(|l| v > l) {
+                        return Err(bad(
+                            &key(&format!("{what}-request")),
+                            format!(
+                                "{} is more than the {what} limit {}",
+                                shown(&raw),
+                                limit.as_deref().unwrap_or("")
+                            ),
+                        ));
+                    }
+                    *request = raw;
+                }
+                // A limit under the default request lowers the request with it.
+                None => {
+                    if let (Some(l), Some(r)) = (limit_value, parse_quantity(request)) {
+                        if l < r {
+                            *request = limit.clone().unwrap_or_default();
+                        }
+                    }
+                }
+            }
+        }
+        let log_level = get("log-level")?
+            .map(|raw| {
+                if ["error", "warn", "info", "debug", "trace"].contains(&raw.as_str()) {
+                    Ok(raw)
+                } else {
+                    Err(bad(
+                        &key("log-level"),
+                        format!(
+                            "{} is not one of error, warn, info, debug, trace",
+                            shown(&raw)
+                        ),
+                    ))
+                }
+            })
+            .transpose()?;
+        let service = get("service")?
+            .map(|raw| {
+                if is_dns_label(&raw) {
+                    Ok(raw)
+                } else {
+                    Err(bad(
+                        &key("service"),
+                        format!(
+                            "{} is not a Service name (lowercase letters, digits, -; at most 63)",
+                            shown(&raw)
+                        ),
+                    ))
+                }
+            })
+            .transpose()?;
+        let rebalance = choice("rebalance", &["true", "false"], "false")? == "true";
+        let fleet_close_rate = get("fleet-close-rate")?
+            .map(|raw| match raw.parse::<u32>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(bad(
+                    &key("fleet-close-rate"),
+                    format!(
+                        "{} is not a positive whole number of sessions per second",
+                        shown(&raw)
+                    ),
+                )),
+            })
+            .transpose()?;
 
         let warnings = annotations
             .keys()
@@ -195,6 +367,13 @@ impl Options {
             readiness_gate,
             grace,
             mode,
+            proxy_port,
+            image,
+            resources,
+            log_level,
+            service,
+            rebalance,
+            fleet_close_rate,
             warnings,
         })
     }
@@ -221,6 +400,58 @@ fn parse_ports(raw: &str) -> Result<Vec<PortRef>, String> {
         }
     }
     Ok(out)
+}
+
+/// RFC 1035 label, as Kubernetes names Services.
+fn is_dns_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.starts_with(|c: char| c.is_ascii_lowercase())
+        && !s.ends_with('-')
+}
+
+/// The value of a Kubernetes quantity (`50m`, `0.5`, `32Mi`, `1e3`, `1G`), or `None`
+/// when it is not one.
+pub fn parse_quantity(s: &str) -> Option<f64> {
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+'))
+        .unwrap_or(s.len());
+    let (number, suffix) = s.split_at(split);
+    let number = number.strip_prefix('+').unwrap_or(number);
+    if number.is_empty() || number.matches('.').count() > 1 || number == "." || number.contains('+')
+    {
+        return None;
+    }
+    let n: f64 = number.parse().ok()?;
+    let scale = match suffix {
+        "" => 1.0,
+        "n" => 1e-9,
+        "u" => 1e-6,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        e => {
+            let exp = e.strip_prefix(['e', 'E'])?;
+            let digits = exp.strip_prefix(['+', '-']).unwrap_or(exp);
+            if digits.is_empty() || digits.len() > 3 || !digits.bytes().all(|b| b.is_ascii_digit())
+            {
+                return None;
+            }
+            10f64.powi(exp.parse().ok()?)
+        }
+    };
+    Some(n * scale).filter(|v| v.is_finite())
 }
 
 /// IANA service name as Kubernetes uses it for containerPort names.

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
-use super::containers::{self, AgentPlan, COPY_NAME};
+use super::containers::{self, AgentPlan, COPY_NAME, Proxy};
+use super::mesh;
 use super::options::{self, Grace, Mode, Options, PortRef, Sidecar};
 use super::patch::Ops;
 use super::status::{Status, VERSION};
@@ -49,7 +50,7 @@ pub fn decide(pod: &Value, settings: &InjectSettings) -> Result<Decision, Inject
             });
         }
     };
-    if status.version == VERSION && status.image == settings.image {
+    if status.version == VERSION && status.image == injected_image(pod, settings) {
         return Ok(Decision::Skip {
             reason: format!(
                 "already injected (wsdrain {}, image {})",
@@ -96,7 +97,11 @@ pub fn undo(pod: &Value) -> Result<Option<Value>, InjectError> {
 
 /// Injection into a pod that carries no status.
 fn fresh(pod: &Value, settings: &InjectSettings) -> Result<Decision, InjectError> {
-    let (mut ops, warnings) = match plan(pod, settings) {
+    let Planned {
+        mut ops,
+        warnings,
+        annotations,
+    } = match plan(pod, settings) {
         Ok(planned) => planned,
         Err(Stop::Skip(reason)) => return Ok(Decision::Skip { reason }),
         Err(Stop::Error(e)) => return Err(e),
@@ -105,34 +110,44 @@ fn fresh(pod: &Value, settings: &InjectSettings) -> Result<Decision, InjectError
     // status so that undoing removes the annotation (and a map created for it) too.
     let mut injected = pod.clone();
     let mut probe = ops.clone();
-    add_status(pod, &mut probe, String::new());
+    let mut with_status = annotations.clone();
+    with_status.push((STATUS_ANNOTATION.to_string(), json!("")));
+    add_annotations(pod, &mut probe, with_status);
     json_patch::patch(&mut injected, &probe.into_patch()?)
         .map_err(|e| InjectError::new("spec", format!("patch does not apply: {e}")))?;
-    let status = Status::new(&settings.image, pod, &injected);
-    add_status(pod, &mut ops, status.to_annotation());
+    let image = injected_image(pod, settings);
+    let status = Status::new(&image, pod, &injected);
+    let mut with_status = annotations;
+    with_status.push((STATUS_ANNOTATION.to_string(), json!(status.to_annotation())));
+    add_annotations(pod, &mut ops, with_status);
     Ok(Decision::Patch {
         patch: ops.into_patch()?,
         warnings: warnings.iter().map(|w| clip(w)).collect(),
     })
 }
 
-fn add_status(pod: &Value, ops: &mut Ops, value: String) {
+/// The agent image for `pod`: its `wsdrain.io/image`, else the injector's.
+fn injected_image(pod: &Value, settings: &InjectSettings) -> String {
+    pod.pointer("/metadata/annotations")
+        .and_then(Value::as_object)
+        .and_then(|a| Options::parse(a).ok())
+        .and_then(|o| o.image)
+        .unwrap_or_else(|| settings.image.clone())
+}
+
+/// Sets annotations (`add` replaces an existing key), creating the map, or metadata
+/// itself (templates may lack it), when absent.
+fn add_annotations(pod: &Value, ops: &mut Ops, annotations: Vec<(String, Value)>) {
+    let map = || Value::Object(annotations.iter().cloned().collect());
     match pod.get("metadata") {
-        // Templates may lack metadata altogether.
-        None | Some(Value::Null) => {
-            ops.add(
-                &["metadata"],
-                json!({"annotations": {STATUS_ANNOTATION: value}}),
-            );
+        None | Some(Value::Null) => ops.add(&["metadata"], json!({"annotations": map()})),
+        Some(metadata) if !metadata.get("annotations").is_some_and(Value::is_object) => {
+            ops.add(&["metadata", "annotations"], map());
         }
-        Some(metadata) => {
-            let exists = metadata.get("annotations").is_some_and(Value::is_object);
-            ops.set(
-                &["metadata", "annotations"],
-                exists,
-                STATUS_ANNOTATION,
-                json!(value),
-            );
+        Some(_) => {
+            for (k, v) in annotations {
+                ops.add(&["metadata", "annotations", &k], v);
+            }
         }
     }
 }
@@ -171,7 +186,14 @@ fn name_of(c: &Value) -> &str {
     c.get("name").and_then(Value::as_str).unwrap_or("")
 }
 
-fn plan(pod: &Value, settings: &InjectSettings) -> Result<(Ops, Vec<String>), Stop> {
+/// What `plan` decided: operations, warnings, and annotations to set on the pod.
+struct Planned {
+    ops: Ops,
+    warnings: Vec<String>,
+    annotations: Vec<(String, Value)>,
+}
+
+fn plan(pod: &Value, settings: &InjectSettings) -> Result<Planned, Stop> {
     let empty = Map::new();
     let labels = object(pod, &["metadata", "labels"], "metadata.labels")?.unwrap_or(&empty);
     let annotations_obj = object(pod, &["metadata", "annotations"], "metadata.annotations")?;
@@ -203,8 +225,24 @@ fn plan(pod: &Value, settings: &InjectSettings) -> Result<(Ops, Vec<String>), St
         _ => return Err(InjectError::new("spec.containers", "no containers").into()),
     };
     let init = array(spec, "initContainers", "spec")?;
-    let options = Options::parse(annotations)?;
+    let mut options = Options::parse(annotations)?;
     let mut warnings = options.warnings.clone();
+    if options.mode == Mode::Wrap {
+        for (set, name) in [
+            (options.service.is_some(), "service"),
+            (options.rebalance, "rebalance"),
+            (options.fleet_close_rate.is_some(), "fleet-close-rate"),
+            (options.log_level.is_some(), "log-level"),
+        ] {
+            if set {
+                warnings.push(format!(
+                    "wsdrain.io/{name} ignored: wrap mode runs no agent container to give it to"
+                ));
+            }
+        }
+        (options.service, options.rebalance) = (None, false);
+        (options.fleet_close_rate, options.log_level) = (None, None);
+    }
 
     check_ports(containers, "spec.containers")?;
     check_ports(init.into_iter().flatten(), "spec.initContainers")?;
@@ -242,16 +280,32 @@ fn plan(pod: &Value, settings: &InjectSettings) -> Result<(Ops, Vec<String>), St
     };
 
     let mut ops = Ops::default();
+    let mut new_annotations = Vec::new();
 
     let (grace_secs, drain_timeout) = fit_grace(spec, &options, settings, &mut ops, &mut warnings)?;
+    let idx = app_idx.to_string();
+    let proxy = match options.mode {
+        Mode::Proxy => Some(proxy_port(
+            app,
+            &idx,
+            &ports,
+            &options,
+            settings,
+            all(),
+            &mut ops,
+            &mut warnings,
+        )?),
+        _ => None,
+    };
     let plan = AgentPlan {
         settings,
         options: &options,
         ports: &ports,
         grace_secs,
         drain_timeout,
+        image: options.image.as_deref().unwrap_or(&settings.image),
+        proxy,
     };
-    let idx = app_idx.to_string();
     let app_path = ["spec", "containers", idx.as_str()];
     let app_obj = app
         .as_object()
@@ -259,7 +313,7 @@ fn plan(pod: &Value, settings: &InjectSettings) -> Result<(Ops, Vec<String>), St
     let field = format!("spec.containers[{idx}]");
 
     match options.mode {
-        Mode::Sidecar => {
+        Mode::Sidecar | Mode::Proxy => {
             let native = match (options.sidecar, settings.native_sidecars) {
                 (Sidecar::Classic, _) | (Sidecar::Auto, false) => false,
                 (Sidecar::Auto, true) | (Sidecar::Native, true) => true,
@@ -311,7 +365,7 @@ fn plan(pod: &Value, settings: &InjectSettings) -> Result<(Ops, Vec<String>), St
             ops.push(
                 &["spec", "initContainers"],
                 init.is_some(),
-                containers::copy_init(settings),
+                containers::copy_init(&plan),
             );
             ops.push(
                 &["spec", "volumes"],
@@ -351,10 +405,126 @@ fn plan(pod: &Value, settings: &InjectSettings) -> Result<(Ops, Vec<String>), St
             );
         }
     }
-    Ok((ops, warnings))
+    mesh::keep_alive(
+        &mesh::Drain {
+            spec,
+            labels,
+            annotations,
+            drain_timeout,
+            grace_secs,
+            agent_port: settings.agent_port,
+        },
+        &mut ops,
+        &mut new_annotations,
+        &mut warnings,
+    )?;
+    Ok(Planned {
+        ops,
+        warnings,
+        annotations: new_annotations,
+    })
 }
 
-/// App container: annotation, else kubectl's default-container, else the first.
+/// Proxy mode: the port the agent listens on, and the app's containerPort name moved
+/// to it so that Services targeting the name reach the proxy. Probes of the app that
+/// named the port get its number instead (a port name resolves per container).
+#[allow(clippy::too_many_arguments)]
+fn proxy_port<'a>(
+    app: &Value,
+    idx: &str,
+    ports: &[u16],
+    options: &Options,
+    settings: &InjectSettings,
+    mut all: impl Iterator<Item = &'a Value>,
+    ops: &mut Ops,
+    warnings: &mut Vec<String>,
+) -> Result<Proxy, InjectError> {
+    let key = options::field("wsdrain.io/proxy-port");
+    let app_port = ports[0];
+    let listen = match options.proxy_port {
+        Some(p) => p,
+        None => app_port.checked_add(10000).ok_or_else(|| {
+            InjectError::new(
+                &key,
+                format!("app port {app_port} + 10000 is over 65535: set the proxy port"),
+            )
+        })?,
+    };
+    if listen == settings.agent_port || listen == app_port {
+        return Err(InjectError::new(
+            key,
+            format!("{listen} is the agent's or the app's own port"),
+        ));
+    }
+    if let Some(c) = all.find(|c| declared_ports(c).iter().any(|p| p.1 == listen)) {
+        return Err(InjectError::new(
+            key,
+            format!(
+                "{listen} is already a port of container {}",
+                shown(name_of(c))
+            ),
+        ));
+    }
+    let declared = app.get("ports").and_then(Value::as_array);
+    let entry = declared.into_iter().flatten().position(|p| {
+        p.get("containerPort").and_then(Value::as_u64) == Some(u64::from(app_port))
+            && p.get("protocol").and_then(Value::as_str).unwrap_or("TCP") == "TCP"
+    });
+    let name = entry
+        .and_then(|j| declared?.get(j)?.get("name")?.as_str())
+        .map(str::to_string);
+    let app_shown = shown(name_of(app));
+    if ports.len() > 1 {
+        warnings.push(format!(
+            "wsdrain.io/mode: proxy puts the proxy in front of port {app_port} only; the other app ports are counted, not proxied"
+        ));
+    }
+    match (&name, entry) {
+        (Some(name), Some(j)) => {
+            let j = j.to_string();
+            ops.remove(&["spec", "containers", idx, "ports", &j, "name"]);
+            for (probe, handler) in named_port_users(app, name) {
+                ops.replace(
+                    &["spec", "containers", idx, probe, handler, "port"],
+                    json!(app_port),
+                );
+            }
+            warnings.push(format!(
+                "wsdrain.io/mode: proxy: the agent listens on {listen} and forwards to the app on 127.0.0.1:{app_port}; the port name {} moved from container {app_shown} to the agent, so Services with targetPort: {} now go through the proxy. The injector cannot see Services: one with targetPort: {app_port} (a number) still reaches the app directly and its sessions get no close frame; target the port by name or the proxy port {listen}",
+                shown(name),
+                shown(name)
+            ));
+        }
+        _ => warnings.push(format!(
+            "wsdrain.io/mode: proxy: the agent listens on {listen} and forwards to the app on 127.0.0.1:{app_port}, but the app's containerPort {app_port} has no name to move: only Services with targetPort: {listen} go through the proxy; name the containerPort and target it by name"
+        )),
+    }
+    Ok(Proxy {
+        listen,
+        app: app_port,
+        name,
+    })
+}
+
+/// (probe, handler) of the app's probes that use the port `name`.
+fn named_port_users(app: &Value, name: &str) -> Vec<(&'static str, &'static str)> {
+    let mut out = Vec::new();
+    for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+        for handler in ["httpGet", "tcpSocket"] {
+            if app
+                .pointer(&format!("/{probe}/{handler}/port"))
+                .and_then(Value::as_str)
+                == Some(name)
+            {
+                out.push((probe, handler));
+            }
+        }
+    }
+    out
+}
+
+/// App container: annotation, else kubectl's default-container, else the only
+/// container declaring TCP ports, else the first.
 fn choose_app(
     containers: &[Value],
     annotations: &Map<String, Value>,
@@ -379,11 +549,21 @@ fn choose_app(
         match find(name) {
             Some(i) => return Ok(i),
             None => warnings.push(format!(
-                "{DEFAULT_CONTAINER} names {}, which is not a container: drained the first container instead", shown(name)
+                "{DEFAULT_CONTAINER} names {}, which is not a container: chose the app container by its ports instead",
+                shown(name)
             )),
         }
     }
-    Ok(0)
+    // A logger or other helper without ports must not be taken for the app; a mesh
+    // proxy's ports do not count.
+    let with_tcp: Vec<usize> = (0..containers.len())
+        .filter(|&i| !mesh::is_proxy(name_of(&containers[i])))
+        .filter(|&i| declared_ports(&containers[i]).iter().any(|p| p.2 == "TCP"))
+        .collect();
+    Ok(match with_tcp[..] {
+        [only] => only,
+        _ => 0,
+    })
 }
 
 /// Every containerPort must be a port number: the API server would refuse the pod,
