@@ -45,9 +45,13 @@ fn outcome(pod: &Value, s: &InjectSettings) -> Value {
                 let _: Pod = serde_json::from_value(patched.clone()).expect("a valid Pod");
             }
             let status = Status::of(&patched).unwrap().expect("status written");
+            let image = pod
+                .pointer("/metadata/annotations/wsdrain.io~1image")
+                .and_then(Value::as_str)
+                .unwrap_or(&s.image);
             assert_eq!(
                 (status.version.as_str(), status.image.as_str()),
-                (VERSION, s.image.as_str())
+                (VERSION, image)
             );
             // Idempotency: the output, injected again, is left alone.
             match inject_pod(&patched, s) {
@@ -106,6 +110,17 @@ fn golden_pods() {
         ("port-clash", false, true),
         ("bad-container-port", false, true),
         ("old-version", false, true),
+        ("overrides", false, true),
+        ("memory-limit-only", false, true),
+        ("fleet", false, true),
+        ("logger-first", false, true),
+        ("proxy", false, true),
+        ("proxy-unnamed", false, true),
+        ("istio-classic", false, true),
+        ("istio-native", false, true),
+        ("istio-pending", false, true),
+        ("linkerd-classic", false, true),
+        ("linkerd-pending", false, true),
     ];
     let update = std::env::var_os("UPDATE_GOLDEN").is_some();
     let mut failed = Vec::new();
@@ -135,6 +150,25 @@ fn golden_pods() {
         failed.is_empty(),
         "golden mismatch (UPDATE_GOLDEN=1 to regenerate): {failed:?}"
     );
+}
+
+/// Every injected golden Pod passes `kubernetes-validate --strict` (1.29 and newest).
+#[test]
+fn golden_pods_validate_strictly() {
+    let mut text = String::new();
+    for entry in std::fs::read_dir(fixtures()).unwrap() {
+        let path = entry.unwrap().path();
+        if !path.to_string_lossy().ends_with(".out.yaml") {
+            continue;
+        }
+        let pod = read_yaml(&path)["pod"].clone();
+        if pod.get("kind").is_some() {
+            text.push_str("---\n");
+            text.push_str(&serde_norway::to_string(&pod).unwrap());
+        }
+    }
+    assert!(text.matches("kind: Pod").count() >= 30, "{text}");
+    kubernetes_validate(&text);
 }
 
 #[test]

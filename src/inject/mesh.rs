@@ -119,7 +119,7 @@ pub fn keep_alive(
                     shown(other.unwrap_or("?"))
                 )),
             }
-            exclude_from_istio_init(d, ops, warnings);
+            exclude_in_init(d, "istio-init", "-d", ops, warnings);
         }
         Found::Pending => {
             let config = istio_config(d.annotations.get(ISTIO_CONFIG), g)?;
@@ -168,6 +168,13 @@ pub fn keep_alive(
                     ));
                 }
             }
+            exclude_in_init(
+                d,
+                "linkerd-init",
+                "--inbound-ports-to-ignore",
+                ops,
+                warnings,
+            );
             if !has_prestop || current.is_some_and(|n| n < wait_secs) {
                 warnings.push(format!(
                     "linkerd-proxy is a classic sidecar: on SIGTERM it stops accepting connections (the kubelet's hook call, the agent's API calls); a preStop sleep of {wait_secs}s (what {LINKERD_WAIT} renders) keeps it serving through a drain of up to {t}"
@@ -217,21 +224,22 @@ fn with_port(list: Option<&str>, port: u16) -> Option<String> {
     }
 }
 
-/// istio-init's iptables rules were rendered by Istio's injector; its `-d` list
-/// (inbound ports not captured) gets the agent port too. With istio-cni there is no
-/// istio-init and the annotation is read when the pod starts.
-fn exclude_from_istio_init(d: &Drain, ops: &mut Ops, warnings: &mut Vec<String>) {
+/// The mesh's init container (istio-init, linkerd-init) had its iptables rules
+/// rendered by the mesh's injector: its list of inbound ports not captured (`flag`)
+/// gets the agent port too. With the mesh's CNI plugin there is no init container
+/// and the annotation is read when the pod starts.
+fn exclude_in_init(d: &Drain, name: &str, flag: &str, ops: &mut Ops, warnings: &mut Vec<String>) {
     let init = d.spec.get("initContainers").and_then(Value::as_array);
     let Some((i, c)) = init
         .into_iter()
         .flatten()
         .enumerate()
-        .find(|(_, c)| c["name"] == "istio-init")
+        .find(|(_, c)| c["name"] == name)
     else {
         return;
     };
     let args = c.get("args").and_then(Value::as_array);
-    let at = args.and_then(|a| a.iter().position(|v| v == "-d"));
+    let at = args.and_then(|a| a.iter().position(|v| v == flag));
     let current = at.and_then(|k| args?.get(k + 1)?.as_str());
     match (at, current) {
         (Some(k), Some(list)) => {
@@ -241,7 +249,7 @@ fn exclude_from_istio_init(d: &Drain, ops: &mut Ops, warnings: &mut Vec<String>)
             }
         }
         _ => warnings.push(format!(
-            "istio-init has no -d list of excluded inbound ports: port {} stays captured, and with STRICT mTLS the kubelet's preStop call to the agent is refused",
+            "{name} has no {flag} list of inbound ports to leave alone: port {} stays captured by the mesh, which may refuse the kubelet's plain-text preStop call to the agent (mTLS required)",
             d.agent_port
         )),
     }

@@ -552,6 +552,75 @@ mod tests {
     }
 
     #[test]
+    fn overrides_and_fleet() {
+        let o = parse(&[
+            ("image", "registry.example/wsdrain:1"),
+            ("cpu-request", "50m"),
+            ("cpu-limit", "1"),
+            ("memory-limit", "8Mi"),
+            ("log-level", "debug"),
+            ("service", "chat"),
+            ("rebalance", "true"),
+            ("fleet-close-rate", "50"),
+            ("mode", "proxy"),
+            ("proxy-port", "9000"),
+        ])
+        .unwrap();
+        assert_eq!(o.image.as_deref(), Some("registry.example/wsdrain:1"));
+        assert_eq!(
+            o.resources,
+            Resources {
+                cpu_request: "50m".into(),
+                cpu_limit: Some("1".into()),
+                // Lowered with the limit.
+                memory_request: "8Mi".into(),
+                memory_limit: Some("8Mi".into()),
+            }
+        );
+        assert_eq!(o.log_level.as_deref(), Some("debug"));
+        assert_eq!(o.service.as_deref(), Some("chat"));
+        assert!(o.rebalance);
+        assert_eq!(o.fleet_close_rate, Some(50));
+        assert_eq!((o.mode, o.proxy_port), (Mode::Proxy, Some(9000)));
+        for (k, v) in [
+            ("image", "has space"),
+            ("cpu-request", "lots"),
+            ("memory-limit", "-1Mi"),
+            ("memory-request", "0"),
+            ("log-level", "loud"),
+            ("service", "Chat_1"),
+            ("rebalance", "yes"),
+            ("fleet-close-rate", "0"),
+            ("fleet-close-rate", "2.5"),
+            ("proxy-port", "70000"),
+        ] {
+            let err = parse(&[(k, v), ("mode", "proxy")]).unwrap_err();
+            assert!(err.field.contains(k), "{k}={v}: {err}");
+        }
+        let err = parse(&[("cpu-request", "2"), ("cpu-limit", "500m")]).unwrap_err();
+        assert!(err.reason.contains("more than the cpu limit 500m"), "{err}");
+        let err = parse(&[("proxy-port", "9000")]).unwrap_err();
+        assert!(err.reason.contains("mode: proxy"), "{err}");
+    }
+
+    #[test]
+    fn quantities() {
+        for (q, v) in [
+            ("50m", 0.05),
+            ("1", 1.0),
+            ("0.5", 0.5),
+            ("32Mi", 33554432.0),
+            ("1e3", 1000.0),
+            ("2k", 2000.0),
+        ] {
+            assert_eq!(parse_quantity(q), Some(v), "{q}");
+        }
+        for q in ["", "m", "1.2.3", "1Xi", "1e", "Mi", "1 Mi", "1e9999"] {
+            assert_eq!(parse_quantity(q), None, "{q}");
+        }
+    }
+
+    #[test]
     fn unknown_annotation_warns() {
         let o = parse(&[("drain-timout", "5s")]).unwrap();
         assert_eq!(o.warnings.len(), 1);
