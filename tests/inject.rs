@@ -488,6 +488,42 @@ fn cli_lists_directories_and_uninject_round_trip() {
     assert!(back.contains(&input[input.find("# Not a workload").unwrap()..]));
 }
 
+/// `wsdrain inject` sees the whole manifest set: an Application Gateway Ingress whose
+/// Service selects an injected workload gets a warning (a pod alone cannot show it).
+#[test]
+fn cli_warns_when_application_gateway_routes_to_injected_pods() {
+    let mut input = std::fs::read_to_string(fixtures().join("cli-workloads.yaml")).unwrap();
+    input.push_str(
+        "---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: public
+  namespace: web
+  annotations:
+    kubernetes.io/ingress.class: azure/application-gateway
+spec:
+  rules:
+  - http:
+      paths:
+      - path: /
+        pathType: Prefix
+        backend:
+          service:
+            name: echo
+            port:
+              number: 80
+",
+    );
+    assert!(input.contains("kind: Service\nmetadata:\n  name: echo\n  namespace: web"));
+    let (ok, _, err) = run_wsdrain(&["inject", "-f", "-"], input.as_bytes());
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("warning: Ingress/public (Azure Application Gateway) routes straight to the pods of Deployment/echo through Service/echo"),
+        "{err}"
+    );
+}
+
 #[test]
 fn cli_flags_and_random_tokens() {
     let input = std::fs::read_to_string(fixtures().join("cli-workloads.yaml")).unwrap();
@@ -682,4 +718,102 @@ fn injected_wrap_command_runs_the_real_wrapper() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn container() -> impl Strategy<Value = Value> {
+        let port = (
+            prop_oneof![Just(None), "[a-z]{1,6}".prop_map(Some)],
+            prop_oneof![1u32..65536, Just(0), Just(70000), Just(19901), Just(8080)],
+            prop::sample::select(vec!["TCP", "UDP"]),
+        )
+            .prop_map(|(name, port, proto)| {
+                let mut p = json!({"containerPort": port, "protocol": proto});
+                if let Some(n) = name {
+                    p["name"] = json!(n);
+                }
+                p
+            });
+        (
+            prop::sample::select(vec!["app", "web", "logger", "istio-proxy", "linkerd-proxy"]),
+            prop::collection::vec(port, 0..3),
+            any::<bool>(),
+        )
+            .prop_map(|(name, ports, prestop)| {
+                let mut c = json!({"name": name, "image": "example/x:1", "ports": ports});
+                if prestop {
+                    c["lifecycle"] = json!({"preStop": {"exec": {"command": ["sleep", "1"]}}});
+                }
+                c
+            })
+    }
+
+    fn pod() -> impl Strategy<Value = Value> {
+        let annotation = prop::sample::select(vec![
+            ("wsdrain.io/mode", "proxy"),
+            ("wsdrain.io/mode", "wrap"),
+            ("wsdrain.io/sidecar", "classic"),
+            ("wsdrain.io/grace", "raise"),
+            ("wsdrain.io/drain-timeout", "1m30s"),
+            ("wsdrain.io/readiness-gate", "true"),
+            ("wsdrain.io/ports", "8080"),
+            ("wsdrain.io/memory-limit", "8Mi"),
+            ("wsdrain.io/rebalance", "true"),
+            ("linkerd.io/inject", "enabled"),
+            ("sidecar.istio.io/inject", "true"),
+            ("kubectl.kubernetes.io/default-container", "web"),
+        ]);
+        (
+            prop::collection::vec(container(), 1..4),
+            prop::collection::vec(annotation, 0..4),
+            prop_oneof![Just(None), (0i64..120).prop_map(Some)],
+            any::<bool>(),
+        )
+            .prop_map(|(containers, annotations, grace, command)| {
+                let mut containers = containers;
+                if command {
+                    containers[0]["command"] = json!(["/app", "serve"]);
+                }
+                let annotations: serde_json::Map<String, Value> = annotations
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), json!(v)))
+                    .collect();
+                let mut pod = json!({
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": "p", "labels": {"wsdrain.io/inject": "true"},
+                                 "annotations": annotations},
+                    "spec": {"containers": containers}
+                });
+                if let Some(g) = grace {
+                    pod["spec"]["terminationGracePeriodSeconds"] = json!(g);
+                }
+                pod
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Whatever the pod: a decision or an error naming a field, never a panic; a
+        /// patch applies, is idempotent, and uninject gives the pod back exactly.
+        #[test]
+        fn inject_then_uninject_is_the_identity(pod in pod()) {
+            let s = settings(false, true);
+            match inject_pod(&pod, &s) {
+                Err(e) => prop_assert!(!e.field.is_empty()),
+                Ok(Decision::Skip { .. }) => {}
+                Ok(Decision::Patch { patch, .. }) => {
+                    let mut patched = pod.clone();
+                    json_patch::patch(&mut patched, &patch).unwrap();
+                    let again = inject_pod(&patched, &s).unwrap();
+                    prop_assert!(matches!(again, Decision::Skip { .. }), "{again:?}");
+                    prop_assert_eq!(uninject_pod(&patched).unwrap().unwrap(), pod);
+                }
+            }
+        }
+    }
 }

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use serde_json::Value;
 
+use super::appgw;
 use super::yaml::{parse_document, split_documents, strip_bom};
 use super::{DEFAULT_IMAGE, Decision, InjectSettings, clip, inject_pod, uninject_pod};
 
@@ -76,6 +77,7 @@ pub fn run(args: InjectArgs) -> anyhow::Result<ExitCode> {
         native_sidecars: args.native_sidecars,
         ..InjectSettings::new(args.image.clone())
     };
+    let mut objects = Vec::new();
     let output = transform_documents(
         &input,
         |pod| {
@@ -92,7 +94,11 @@ pub fn run(args: InjectArgs) -> anyhow::Result<ExitCode> {
         },
         "injected",
         &mut |line| eprintln!("wsdrain inject: {line}"),
+        &mut objects,
     )?;
+    for w in appgw::warnings(&objects.iter().collect::<Vec<_>>()) {
+        eprintln!("wsdrain inject: warning: {w}");
+    }
     std::io::stdout().lock().write_all(output.as_bytes())?;
     Ok(ExitCode::SUCCESS)
 }
@@ -110,6 +116,7 @@ pub fn run_uninject(args: UninjectArgs) -> anyhow::Result<ExitCode> {
         },
         "uninjected",
         &mut |line| eprintln!("wsdrain uninject: {line}"),
+        &mut Vec::new(),
     )?;
     std::io::stdout().lock().write_all(output.as_bytes())?;
     Ok(ExitCode::SUCCESS)
@@ -193,12 +200,14 @@ fn template_pointer(kind: &str) -> Option<&'static str> {
 }
 
 /// Runs `transform` on every pod template of every document (and of every item of a
-/// `kind: List`); documents it leaves alone are copied through byte for byte.
+/// `kind: List`); documents it leaves alone are copied through byte for byte. Every
+/// object, as it comes out, is appended to `objects`.
 pub fn transform_documents(
     input: &str,
     mut transform: impl FnMut(&Value) -> anyhow::Result<Outcome>,
     done: &str,
     report: &mut impl FnMut(String),
+    objects: &mut Vec<Value>,
 ) -> anyhow::Result<String> {
     let mut out = String::with_capacity(input.len() * 2);
     for (i, part) in split_documents(strip_bom(input)).into_iter().enumerate() {
@@ -223,6 +232,15 @@ pub fn transform_documents(
             out.push_str(&serde_norway::to_string(&doc)?);
         } else {
             out.push_str(part);
+        }
+        match doc {
+            Value::Object(mut list) if list.get("kind").and_then(Value::as_str) == Some("List") => {
+                if let Some(Value::Array(items)) = list.remove("items") {
+                    objects.extend(items);
+                }
+            }
+            Value::Null => {}
+            other => objects.push(other),
         }
     }
     Ok(out)
@@ -292,6 +310,7 @@ mod tests {
             },
             "done",
             &mut |l| lines.push(l),
+            &mut Vec::new(),
         )
         .unwrap();
         let v: Value = serde_norway::from_str(&out).unwrap();

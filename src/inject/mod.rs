@@ -6,6 +6,7 @@ use std::time::Duration;
 use rand::Rng;
 use thiserror::Error;
 
+mod appgw;
 pub mod cli;
 mod containers;
 pub mod copy_self;

@@ -626,4 +626,58 @@ mod tests {
         assert_eq!(o.warnings.len(), 1);
         assert!(o.warnings[0].contains("wsdrain.io/drain-timout"));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn annotation() -> impl Strategy<Value = (String, Value)> {
+            let name = prop_oneof![
+                prop::sample::select(KNOWN.to_vec()).prop_map(str::to_string),
+                "[a-z-]{1,12}",
+            ];
+            let value = prop_oneof![
+                "[ -~]{0,24}".prop_map(Value::from),
+                "[0-9]{1,6}(ms|s|m|h|Mi|m)?".prop_map(Value::from),
+                prop::sample::select(vec![
+                    "true", "false", "proxy", "wrap", "native", "8080,ws", "0..2s"
+                ])
+                .prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                "[ -~]{2000,3000}".prop_map(Value::from),
+            ];
+            (name, value).prop_map(|(n, v)| (format!("{PREFIX}{n}"), v))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            /// Any annotations: a result, never a panic; an error names the annotation
+            /// and stays short however long the value.
+            #[test]
+            fn any_annotations_parse_or_name_the_field(
+                pairs in prop::collection::vec(annotation(), 0..8)
+            ) {
+                let map: Map<String, Value> = pairs.into_iter().collect();
+                match Options::parse(&map) {
+                    Ok(o) => {
+                        for w in &o.warnings {
+                            prop_assert!(w.len() < 1200, "{} bytes", w.len());
+                        }
+                    }
+                    Err(e) => {
+                        prop_assert!(e.field.starts_with("metadata.annotations[\"wsdrain.io/"), "{}", e);
+                        prop_assert!(e.to_string().len() < 1200, "{} bytes", e.to_string().len());
+                    }
+                }
+            }
+
+            /// Valid quantities keep their value through the parser.
+            #[test]
+            fn quantities_scale(n in 1u32..100_000, suffix in prop::sample::select(vec!["", "m", "k", "Mi", "Gi"])) {
+                let scale = match suffix { "m" => 1e-3, "k" => 1e3, "Mi" => 1048576.0, "Gi" => 1073741824.0, _ => 1.0 };
+                prop_assert_eq!(parse_quantity(&format!("{n}{suffix}")), Some(f64::from(n) * scale));
+            }
+        }
+    }
 }

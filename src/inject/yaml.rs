@@ -216,4 +216,62 @@ mod tests {
         );
         assert!(parse_document("a: {<<: 3}\n").is_err());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// JSON values as manifests hold them (no `<<` keys), a few levels deep.
+        fn manifest_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i32>().prop_map(Value::from),
+                "[ -~]{0,12}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(4, 48, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    prop::collection::btree_map("[a-z][a-z0-9./-]{0,8}", inner, 0..6)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+            /// Any text: the parts give back the input, and parsing never panics.
+            #[test]
+            fn any_text_splits_back_and_parses_without_panic(
+                text in "([ -~]|\n|\t|---\n|<<: \\*a\n|&a |\\[|\\{|\u{feff}){0,200}"
+            ) {
+                let parts = split_documents(&text);
+                prop_assert_eq!(parts.concat(), text.clone());
+                for doc in parts.iter().step_by(2) {
+                    let _ = parse_document(doc);
+                }
+            }
+
+            /// What serde_norway writes, we read back (the depth check and merge keys
+            /// leave ordinary documents alone), block and flow style alike.
+            #[test]
+            fn written_documents_read_back(value in manifest_value()) {
+                let block = serde_norway::to_string(&value).unwrap();
+                prop_assert_eq!(&parse_document(&block).unwrap(), &value);
+                let flow = serde_json::to_string(&value).unwrap();
+                prop_assert_eq!(&parse_document(&flow).unwrap(), &value);
+            }
+
+            /// Nesting beyond the limit is refused in linear time, whatever the brackets.
+            #[test]
+            fn deep_nesting_refused(
+                opens in prop::collection::vec(prop_oneof![Just("["), Just("{a: ")], MAX_FLOW_DEPTH + 1..4 * MAX_FLOW_DEPTH)
+            ) {
+                let doc = format!("a: {}", opens.concat());
+                let refused = matches!(parse_document(&doc), Err(YamlError::TooDeep { .. }));
+                prop_assert!(refused);
+            }
+        }
+    }
 }
