@@ -296,10 +296,10 @@ impl Options {
                 }
                 // A limit under the default request lowers the request with it.
                 None => {
-                    if let (Some(l), Some(r)) = (limit_value, parse_quantity(request)) {
-                        if l < r {
-                            *request = limit.clone().unwrap_or_default();
-                        }
+                    if let (Some(l), Some(r)) = (limit_value, parse_quantity(request))
+                        && l < r
+                    {
+                        *request = limit.clone().unwrap_or_default();
                     }
                 }
             }
