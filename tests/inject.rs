@@ -340,6 +340,31 @@ fn cli_injects_only_pod_templates() {
     );
     assert_eq!(again, out);
     assert!(err.contains("already injected"), "{err}");
+
+    // Another image: the agent is updated, not skipped.
+    let (updated, err) = run_inject(
+        out.as_bytes(),
+        &["--image", "ghcr.io/wsdrain/wsdrain:next"],
+        &[("WSDRAIN_INJECT_TOKEN", TOKEN)],
+    );
+    assert!(
+        err.contains("Deployment/echo: warning: updated the agent injected by wsdrain"),
+        "{err}"
+    );
+    let agent = docs(&updated)[0]
+        .pointer("/spec/template/spec/initContainers/0")
+        .unwrap()
+        .clone();
+    assert_eq!(agent["image"], "ghcr.io/wsdrain/wsdrain:next");
+    assert_eq!(
+        docs(&updated)[0]
+            .pointer("/spec/template/spec/initContainers")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 fn run_wsdrain(args: &[&str], input: &[u8]) -> (bool, String, String) {
