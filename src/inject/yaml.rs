@@ -54,10 +54,16 @@ pub fn parse_document(doc: &str) -> Result<Value, YamlError> {
     Ok(serde_json::to_value(&yaml)?)
 }
 
-/// Refuses flow nesting deeper than `MAX_FLOW_DEPTH` in one linear pass. Brackets
-/// inside quoted scalars and comments do not count; elsewhere every bracket that can
-/// open a flow collection does, so the estimate errs on the side of counting.
+/// Refuses flow nesting deeper than `MAX_FLOW_DEPTH` in two linear passes: one that
+/// skips quoted scalars and one that does not. Where a quote starts is not always
+/// clear without the full grammar (a plain scalar may continue on a line that begins
+/// with one), so each pass covers the other's blind spot; comments never count.
 pub fn check_flow_depth(doc: &str) -> Result<(), YamlError> {
+    flow_depth_pass(doc, true)?;
+    flow_depth_pass(doc, false)
+}
+
+fn flow_depth_pass(doc: &str, quotes: bool) -> Result<(), YamlError> {
     let bytes = doc.as_bytes();
     let mut depth = 0usize;
     let mut line = 1usize;
@@ -79,7 +85,7 @@ pub fn check_flow_depth(doc: &str) -> Result<(), YamlError> {
                     i += 1;
                 }
             }
-            b'\'' | b'"' if node_start => {
+            b'\'' | b'"' if node_start && quotes => {
                 i += 1;
                 while i < bytes.len() {
                     match bytes[i] {
@@ -191,6 +197,16 @@ mod tests {
         // A quote in the middle of a plain scalar opens nothing.
         let doc = format!("a: [x'y, {}{}]\n", "[".repeat(200), "]".repeat(200));
         assert!(check_flow_depth(&doc).is_err());
+    }
+
+    #[test]
+    fn a_quote_the_parser_reads_as_plain_text_hides_nothing() {
+        // Line 2 continues the plain scalar "b 'x"; the brackets on line 3 are real.
+        let doc = format!("a: b\n  'x\nc: {}\n", "[".repeat(200));
+        assert!(matches!(
+            check_flow_depth(&doc),
+            Err(YamlError::TooDeep { line: 3 })
+        ));
     }
 
     #[test]
