@@ -595,6 +595,134 @@ async fn bad_requests_get_clear_errors_and_the_server_lives_on() {
     );
 }
 
+/// Reads from `tls` until the blank line after a response head; returns the head.
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(tls: &mut S) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    let read = async {
+        while !head.ends_with(b"\r\n\r\n") {
+            match tls.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                other => panic!(
+                    "connection ended before a response head ({other:?}): {:?}",
+                    String::from_utf8_lossy(&head)
+                ),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("response head within 5 s");
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Issue 12: a client that announces an oversized body with `Expect: 100-continue` waits
+/// before sending it; it must get 413 at once, not `100 Continue` nor a closed connection.
+#[tokio::test]
+async fn expect_continue_with_an_oversized_body_gets_413_before_sending_it() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (wh, _) = Webhook::with_files(&pki, dir.path(), &["--max-body", "100000"]);
+
+    for length in [100_001u64, 100_000_000] {
+        let mut tls = tls_connect(wh.addr, wh.roots.clone()).await;
+        let head = format!(
+            "POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {length}\r\nExpect: 100-continue\r\n\r\n"
+        );
+        tls.write_all(head.as_bytes()).await.expect("write");
+        let answer = read_head(&mut tls).await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{length}: {answer}");
+    }
+
+    // Within the limit, the same client is told to go on and gets its admission.
+    let body = fixture("pod-create.json");
+    let mut tls = tls_connect(wh.addr, wh.roots.clone()).await;
+    let head = format!(
+        "POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await.expect("write");
+    let answer = read_head(&mut tls).await;
+    assert!(answer.starts_with("HTTP/1.1 100"), "{answer}");
+    tls.write_all(&body).await.expect("write body");
+    let answer = read_head(&mut tls).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// One admission on a fresh connection, timed from TCP connect to the full answer.
+async fn timed_admission(wh: &Webhook) -> Result<(Answer, Duration), Duration> {
+    let start = Instant::now();
+    match tokio::time::timeout(Duration::from_secs(30), wh.post(fixture("pod-create.json"))).await {
+        Ok(answer) => Ok((answer, start.elapsed())),
+        Err(_) => Err(start.elapsed()),
+    }
+}
+
+/// Issue 12: 1024 idle TLS connections held every connection slot, so /healthz and
+/// admissions waited ~119 s for a keep-alive timeout; half-sent ClientHellos delayed a
+/// request past the API server's 5 s timeout. A fresh caller must be answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tls_connections_and_half_sent_hellos_do_not_lock_out_a_fresh_admission() {
+    use futures_util::StreamExt;
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (wh, _) = Webhook::with_files(&pki, dir.path(), &[]);
+
+    // 1024 completed handshakes that never send a request (bounded: 32 at a time).
+    let idle: Vec<_> = futures_util::stream::iter(0..1024)
+        .map(|_| tls_connect(wh.addr, wh.roots.clone()))
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert_eq!(idle.len(), 1024);
+    let (answer, took) = timed_admission(&wh)
+        .await
+        .unwrap_or_else(|t| panic!("no answer within {t:?} beside 1024 idle TLS connections"));
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert!(
+        took < Duration::from_secs(1),
+        "admission took {took:?} beside 1024 idle TLS connections"
+    );
+
+    // 1100 clients that send the first bytes of a ClientHello and then nothing.
+    let mut half = Vec::with_capacity(1100);
+    for _ in 0..1100 {
+        let mut tcp = tokio::net::TcpStream::connect(wh.addr)
+            .await
+            .expect("connect");
+        tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+            .await
+            .expect("write");
+        half.push(tcp);
+    }
+    let (answer, took) = timed_admission(&wh)
+        .await
+        .unwrap_or_else(|t| panic!("no answer within {t:?} beside 1100 half-sent ClientHellos"));
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert!(
+        took < Duration::from_secs(1),
+        "admission took {took:?} beside 1100 half-sent ClientHellos"
+    );
+
+    let metrics = wh.get("/metrics").await.text();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing: {metrics}"))
+    };
+    assert!(value("wsdrain_webhook_connections ") <= 1024.0, "{metrics}");
+    // The table was full: places were made by closing the quietest connections (some
+    // half-sent hellos left on their own through the handshake timeout).
+    assert!(
+        value("wsdrain_webhook_connection_evictions_total ") >= 1.0,
+        "{metrics}"
+    );
+    drop((idle, half));
+}
+
 #[tokio::test]
 async fn rotated_certificate_is_served_without_restart_and_a_bad_one_is_not() {
     let pki = Pki::new();

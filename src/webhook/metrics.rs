@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -42,6 +43,8 @@ pub struct Metrics {
     registry: Registry,
     admissions: Family<ResultLabel, Counter>,
     latency: Histogram,
+    connections: Gauge,
+    evictions: Counter,
 }
 
 impl Metrics {
@@ -70,10 +73,24 @@ impl Metrics {
         ] {
             let _ = admissions.get_or_create(&ResultLabel { result: o.as_str() });
         }
+        let connections = Gauge::default();
+        registry.register(
+            "connections",
+            "Client connections open now (TLS handshake, request or keep-alive)",
+            connections.clone(),
+        );
+        let evictions = Counter::default();
+        registry.register(
+            "connection_evictions",
+            "Connections closed because the table was full and a newer client needed the place",
+            evictions.clone(),
+        );
         Metrics {
             registry,
             admissions,
             latency,
+            connections,
+            evictions,
         }
     }
 
@@ -84,6 +101,14 @@ impl Metrics {
             })
             .inc();
         self.latency.observe(seconds);
+    }
+
+    pub fn set_connections(&self, open: usize) {
+        self.connections.set(i64::try_from(open).unwrap_or(i64::MAX));
+    }
+
+    pub fn connection_evicted(&self) {
+        self.evictions.inc();
     }
 
     pub fn encode(&self) -> String {

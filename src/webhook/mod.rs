@@ -1,6 +1,7 @@
 //! The mutating admission webhook over TLS: AdmissionReview v1 in, JSON Patch out, using
 //! the same pure injector as `wsdrain inject`. See docs/webhook.md.
 
+pub mod connections;
 pub mod metrics;
 pub mod review;
 pub mod server;
