@@ -116,6 +116,19 @@ impl Webhook {
         call(self.addr, self.roots.clone(), "GET", path, Vec::new()).await
     }
 
+    /// Polls /metrics until a line equal to `line` shows up (bounded by `limit`).
+    async fn wait_for_metric(&self, line: &str, limit: Duration) {
+        let end = Instant::now() + limit;
+        loop {
+            let metrics = self.get("/metrics").await.text();
+            if metrics.lines().any(|l| l == line) {
+                return;
+            }
+            assert!(Instant::now() < end, "no `{line}` within {limit:?}:\n{metrics}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn post(&self, body: Vec<u8>) -> Answer {
         call(self.addr, self.roots.clone(), "POST", "/mutate", body).await
     }
@@ -233,27 +246,10 @@ fn fixture(name: &str) -> Vec<u8> {
 }
 
 fn b64decode(s: &str) -> Vec<u8> {
-    let val = |c: u8| -> u32 {
-        match c {
-            b'A'..=b'Z' => u32::from(c - b'A'),
-            b'a'..=b'z' => u32::from(c - b'a') + 26,
-            b'0'..=b'9' => u32::from(c - b'0') + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => panic!("not base64: {c:?} in {s}"),
-        }
-    };
-    let mut out = Vec::new();
-    for chunk in s.trim_end_matches('=').as_bytes().chunks(4) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, &c)| n | val(c) << (18 - 6 * i));
-        for i in 0..chunk.len() - 1 {
-            out.push((n >> (16 - 8 * i)) as u8);
-        }
-    }
-    out
+    use base64::prelude::{BASE64_STANDARD, Engine as _};
+    BASE64_STANDARD
+        .decode(s)
+        .unwrap_or_else(|e| panic!("not base64 ({e}): {s}"))
 }
 
 fn all_containers(pod: &Value) -> Vec<&Value> {
@@ -736,7 +732,11 @@ async fn rotated_certificate_is_served_without_restart_and_a_bad_one_is_not() {
         "-----BEGIN CERTIFICATE-----\nnope\n",
     )
     .expect("write");
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    wh.wait_for_metric(
+        "wsdrain_webhook_certificate_reloads_total{result=\"rejected\"} 1",
+        Duration::from_secs(10),
+    )
+    .await;
     let during = wh.get("/healthz").await;
     assert_eq!(during.status, 200);
     assert_eq!(

@@ -45,6 +45,7 @@ pub struct Metrics {
     latency: Histogram,
     connections: Gauge,
     evictions: Counter,
+    reloads: Family<ResultLabel, Counter>,
 }
 
 impl Metrics {
@@ -85,12 +86,22 @@ impl Metrics {
             "Connections closed because the table was full and a newer client needed the place",
             evictions.clone(),
         );
+        let reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "certificate_reloads",
+            "Changed certificate files seen: loaded, or rejected (the previous pair stays in service)",
+            reloads.clone(),
+        );
+        for result in ["loaded", "rejected"] {
+            let _ = reloads.get_or_create(&ResultLabel { result });
+        }
         Metrics {
             registry,
             admissions,
             latency,
             connections,
             evictions,
+            reloads,
         }
     }
 
@@ -109,6 +120,11 @@ impl Metrics {
 
     pub fn connection_evicted(&self) {
         self.evictions.inc();
+    }
+
+    pub fn certificate_reloaded(&self, loaded: bool) {
+        let result = if loaded { "loaded" } else { "rejected" };
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
     }
 
     pub fn encode(&self) -> String {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use base64::prelude::{BASE64_STANDARD, Engine as _};
 use tokio_util::sync::CancellationToken;
 
 use crate::inject::{DEFAULT_IMAGE, InjectSettings};
@@ -97,6 +98,7 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
     };
 
     let stop = CancellationToken::new();
+    let metrics = Arc::new(metrics::Metrics::new());
     let store = if args.self_signed {
         let sans = if args.sans.is_empty() {
             default_sans(&args.service, &args.namespace)
@@ -105,7 +107,7 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
         };
         let generated = tls::self_signed(&sans).context("--self-signed")?;
         // stdout carries only this line, so scripts can take it: `... | sed -n 's/^caBundle: //p'`.
-        println!("caBundle: {}", review::base64(generated.ca_pem.as_bytes()));
+        println!("caBundle: {}", BASE64_STANDARD.encode(generated.ca_pem.as_bytes()));
         tracing::info!(?sans, "serving a self-signed certificate (lab use)");
         tls::CertStore::new(generated.key)
     } else {
@@ -123,6 +125,7 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
             store.clone(),
             args.cert_poll,
             stop.clone(),
+            metrics.clone(),
         ));
         store
     };
@@ -138,7 +141,7 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
             namespace_opted_in: true,
             ..InjectSettings::new(args.image.clone())
         },
-        metrics: metrics::Metrics::new(),
+        metrics,
         body_limit: args.max_body,
     });
 

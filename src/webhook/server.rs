@@ -44,7 +44,7 @@ pub const MAX_CONNECTIONS: usize = 1024;
 
 pub struct App {
     pub settings: InjectSettings,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub body_limit: usize,
 }
 
