@@ -3,6 +3,7 @@
 
 pub mod connections;
 pub mod metrics;
+pub mod pki;
 pub mod review;
 pub mod server;
 pub mod tls;
