@@ -124,7 +124,10 @@ impl Webhook {
             if metrics.lines().any(|l| l == line) {
                 return;
             }
-            assert!(Instant::now() < end, "no `{line}` within {limit:?}:\n{metrics}");
+            assert!(
+                Instant::now() < end,
+                "no `{line}` within {limit:?}:\n{metrics}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -856,5 +859,421 @@ fn missing_or_bad_certificate_files_fail_at_start_with_a_message() {
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("--cert/--key"), "{err}");
+    }
+}
+
+// ---- --self-managed against kube's tower-test mock API ----------------------------------
+
+mod self_managed {
+    use std::pin::Pin;
+    use std::time::{Duration, SystemTime};
+
+    use base64::prelude::{BASE64_STANDARD, Engine as _};
+    use http::{Method, Request, Response};
+    use http_body_util::BodyExt;
+    use kube::client::Body;
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    use serde_json::{Value, json};
+    use tower_test::mock::{self, Handle, SendResponse};
+    use wsdrain::webhook::pki::{self, Material};
+    use wsdrain::webhook::self_managed::{Manager, Names, Round};
+
+    type MockHandle = Pin<Box<Handle<Request<Body>, Response<Body>>>>;
+
+    const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/wsdrain/leases/wsdrain-webhook";
+    const SECRET: &str = "/api/v1/namespaces/wsdrain/secrets/wsdrain-webhook-tls";
+    const CONFIG: &str =
+        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/wsdrain";
+
+    fn manager(identity: &str) -> (Manager, MockHandle) {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(service, "default");
+        let names = Names {
+            namespace: "wsdrain".into(),
+            secret: "wsdrain-webhook-tls".into(),
+            lease: "wsdrain-webhook".into(),
+            webhook_config: "wsdrain".into(),
+            identity: identity.into(),
+            sans: vec!["wsdrain-webhook.wsdrain.svc".into()],
+        };
+        (Manager::new(client, names), Box::pin(handle))
+    }
+
+    async fn next(handle: &mut MockHandle) -> (Request<Body>, SendResponse<Response<Body>>) {
+        tokio::time::timeout(Duration::from_secs(5), handle.as_mut().next_request())
+            .await
+            .expect("a request within 5 s")
+            .expect("client alive")
+    }
+
+    /// The next request must be `method path`; returns its JSON body (Null if none).
+    async fn expect(
+        handle: &mut MockHandle,
+        method: Method,
+        path: &str,
+    ) -> (Value, SendResponse<Response<Body>>) {
+        let (req, send) = next(handle).await;
+        assert_eq!(
+            (req.method(), req.uri().path()),
+            (&method, path),
+            "{}",
+            req.uri()
+        );
+        let content_type = req
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().expect("ascii").to_owned());
+        let query = req.uri().query().unwrap_or("").to_owned();
+        let bytes = req.into_body().collect().await.expect("body").to_bytes();
+        let mut body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).expect("JSON body")
+        };
+        if method == Method::PATCH {
+            body = json!({"contentType": content_type, "query": query, "patch": body});
+        }
+        (body, send)
+    }
+
+    fn respond(send: SendResponse<Response<Body>>, code: u16, body: &Value) {
+        send.send_response(
+            Response::builder()
+                .status(code)
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::to_vec(body).expect("json")))
+                .expect("response"),
+        );
+    }
+
+    fn lease(holder: Option<&str>, renewed: SystemTime) -> Value {
+        let mut spec = json!({});
+        if let Some(holder) = holder {
+            let t = k8s_openapi::jiff::Timestamp::try_from(renewed).expect("time");
+            spec = json!({"holderIdentity": holder, "leaseDurationSeconds": 30,
+                          "renewTime": t.to_string(), "leaseTransitions": 1});
+        }
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+               "metadata": {"name": "wsdrain-webhook", "namespace": "wsdrain", "resourceVersion": "1"},
+               "spec": spec})
+    }
+
+    fn secret(material: &Material) -> Value {
+        let data: serde_json::Map<String, Value> = material
+            .to_secret_data()
+            .into_iter()
+            .filter(|(_, v)| !v.0.is_empty())
+            .map(|(k, v)| (k, Value::String(BASE64_STANDARD.encode(&v.0))))
+            .collect();
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+               "metadata": {"name": "wsdrain-webhook-tls", "namespace": "wsdrain", "resourceVersion": "5"},
+               "data": data})
+    }
+
+    fn material_of(secret: &Value) -> Material {
+        let data: std::collections::BTreeMap<String, k8s_openapi::ByteString> =
+            serde_json::from_value(secret["data"].clone()).expect("data");
+        Material::from_secret_data(Some(&data))
+    }
+
+    fn config(bundles: [Option<&str>; 2]) -> Value {
+        let webhook = |name: &str, bundle: Option<&str>| {
+            let mut client_config = json!({"service": {"name": "wsdrain-webhook", "namespace": "wsdrain", "path": "/mutate", "port": 443}});
+            if let Some(b) = bundle {
+                client_config["caBundle"] = json!(BASE64_STANDARD.encode(b));
+            }
+            json!({"name": name, "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                   "clientConfig": client_config})
+        };
+        json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+               "metadata": {"name": "wsdrain", "resourceVersion": "9"},
+               "webhooks": [webhook("pod-label.inject.wsdrain.io", bundles[0]),
+                            webhook("namespace.inject.wsdrain.io", bundles[1])]})
+    }
+
+    fn bundle_patch(indexes: &[usize], names: &[&str], bundle: &str) -> Value {
+        let ops: Vec<Value> = indexes
+            .iter()
+            .zip(names)
+            .flat_map(|(i, name)| {
+                [
+                    json!({"op": "test", "path": format!("/webhooks/{i}/name"), "value": name}),
+                    json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"),
+                           "value": BASE64_STANDARD.encode(bundle)}),
+                ]
+            })
+            .collect();
+        json!({"contentType": "application/json-patch+json",
+               "query": "&fieldManager=wsdrain-webhook", "patch": ops})
+    }
+
+    fn ders(pem: &str) -> Vec<Vec<u8>> {
+        CertificateDer::pem_slice_iter(pem.as_bytes())
+            .map(|c| c.expect("PEM").to_vec())
+            .collect()
+    }
+
+    async fn round(manager: &mut Manager, now: SystemTime) -> Round {
+        tokio::time::timeout(Duration::from_secs(10), manager.round(now))
+            .await
+            .expect("round ends")
+            .expect("round succeeds")
+    }
+
+    #[tokio::test]
+    async fn first_replica_takes_the_lease_writes_the_secret_and_sets_the_ca_bundle() {
+        wsdrain::webhook::tls::install_ring();
+        let (mut manager, mut api) = manager("webhook-a");
+        let now = SystemTime::now();
+        let server = tokio::spawn(async move {
+            let (_, send) = expect(&mut api, Method::GET, LEASE).await;
+            respond(send, 200, &lease(None, now));
+            let (put, send) = expect(&mut api, Method::PUT, LEASE).await;
+            assert_eq!(put["metadata"]["resourceVersion"], "1", "compare-and-swap");
+            assert_eq!(put["spec"]["holderIdentity"], "webhook-a");
+            assert_eq!(put["spec"]["leaseDurationSeconds"], 30);
+            assert_eq!(put["spec"]["leaseTransitions"], 1);
+            assert!(put["spec"]["renewTime"].is_string() && put["spec"]["acquireTime"].is_string());
+            respond(send, 200, &put);
+
+            let (_, send) = expect(&mut api, Method::GET, SECRET).await;
+            respond(send, 200, &secret(&Material::default()));
+            let (put, send) = expect(&mut api, Method::PUT, SECRET).await;
+            assert_eq!(put["metadata"]["resourceVersion"], "5", "compare-and-swap");
+            let written = material_of(&put);
+            respond(send, 200, &put);
+
+            let (_, send) = expect(&mut api, Method::GET, CONFIG).await;
+            respond(send, 200, &config([None, None]));
+            let (patch, send) = expect(&mut api, Method::PATCH, CONFIG).await;
+            assert_eq!(
+                patch,
+                bundle_patch(
+                    &[0, 1],
+                    &["pod-label.inject.wsdrain.io", "namespace.inject.wsdrain.io"],
+                    &written.ca_bundle
+                )
+            );
+            respond(
+                send,
+                200,
+                &config([Some(&written.ca_bundle), Some(&written.ca_bundle)]),
+            );
+            written
+        });
+        let round = round(&mut manager, now).await;
+        let written = server.await.expect("mock server");
+        assert!(round.leader);
+        assert_eq!(round.material, written, "serves what it wrote");
+        // A serving certificate signed by the CA the bundle names.
+        assert!(
+            wsdrain::webhook::tls::certified_key(
+                written.tls_cert.as_bytes(),
+                written.tls_key.as_bytes()
+            )
+            .is_ok()
+        );
+        assert_eq!(ders(&written.tls_cert)[1], ders(&written.ca_bundle)[0]);
+        assert!(!written.ca_key.is_empty());
+    }
+
+    #[tokio::test]
+    async fn second_replica_follows_serves_the_secret_and_writes_nothing() {
+        wsdrain::webhook::tls::install_ring();
+        let now = SystemTime::now();
+        let stored = pki::renew(
+            &Material::default(),
+            pki::plan(&Material::default(), now),
+            &["x".into()],
+            now,
+        )
+        .expect("material");
+        let (mut manager, mut api) = manager("webhook-b");
+        let served = stored.clone();
+        let server = tokio::spawn(async move {
+            let (_, send) = expect(&mut api, Method::GET, LEASE).await;
+            respond(
+                send,
+                200,
+                &lease(Some("webhook-a"), now - Duration::from_secs(5)),
+            );
+            let (_, send) = expect(&mut api, Method::GET, SECRET).await;
+            respond(send, 200, &secret(&served));
+            api
+        });
+        let round = round(&mut manager, now).await;
+        let mut api = server.await.expect("mock server");
+        assert!(!round.leader);
+        assert_eq!(round.material, stored);
+        drop(manager);
+        assert!(
+            api.as_mut().next_request().await.is_none(),
+            "a follower writes nothing"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lost_race_for_the_lease_means_following() {
+        wsdrain::webhook::tls::install_ring();
+        let now = SystemTime::now();
+        let (mut manager, mut api) = manager("webhook-b");
+        let server = tokio::spawn(async move {
+            let (_, send) = expect(&mut api, Method::GET, LEASE).await;
+            // Expired: webhook-a stopped renewing 31 s ago.
+            respond(
+                send,
+                200,
+                &lease(Some("webhook-a"), now - Duration::from_secs(31)),
+            );
+            let (put, send) = expect(&mut api, Method::PUT, LEASE).await;
+            assert_eq!(put["spec"]["holderIdentity"], "webhook-b");
+            assert_eq!(put["spec"]["leaseTransitions"], 2);
+            respond(
+                send,
+                409,
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                        "reason": "Conflict", "code": 409, "message": "modified"}),
+            );
+            let (_, send) = expect(&mut api, Method::GET, SECRET).await;
+            respond(send, 200, &secret(&Material::default()));
+            api
+        });
+        let round = round(&mut manager, now).await;
+        let mut api = server.await.expect("mock server");
+        assert!(!round.leader);
+        drop(manager);
+        assert!(
+            api.as_mut().next_request().await.is_none(),
+            "no writes after a lost race"
+        );
+    }
+
+    #[tokio::test]
+    async fn leader_rotates_the_ca_before_expiry_and_keeps_the_old_one_in_the_bundle() {
+        wsdrain::webhook::tls::install_ring();
+        let t0 = SystemTime::now();
+        let stored = pki::renew(
+            &Material::default(),
+            pki::plan(&Material::default(), t0),
+            &["x".into()],
+            t0,
+        )
+        .expect("material");
+        // A day into the CA's renewal window, with a serving certificate issued ten days
+        // ago (so still usable).
+        let now = t0 + pki::CA_LIFETIME - pki::CA_RENEW_BEFORE + Duration::from_secs(86_400);
+        let leaf_only = pki::Plan {
+            new_ca: false,
+            new_leaf: true,
+            reason: "test",
+        };
+        let stored = pki::renew(
+            &stored,
+            leaf_only,
+            &["x".into()],
+            now - Duration::from_secs(10 * 86_400),
+        )
+        .expect("leaf");
+        let (mut manager, mut api) = manager("webhook-a");
+        let old = stored.clone();
+        let server = tokio::spawn(async move {
+            let (_, send) = expect(&mut api, Method::GET, LEASE).await;
+            respond(
+                send,
+                200,
+                &lease(Some("webhook-a"), now - Duration::from_secs(10)),
+            );
+            let (put, send) = expect(&mut api, Method::PUT, LEASE).await;
+            assert_eq!(put["spec"]["holderIdentity"], "webhook-a");
+            assert_eq!(
+                put["spec"]["leaseTransitions"], 1,
+                "a renewal is no transition"
+            );
+            respond(send, 200, &put);
+            let (_, send) = expect(&mut api, Method::GET, SECRET).await;
+            respond(send, 200, &secret(&old));
+            let (put, send) = expect(&mut api, Method::PUT, SECRET).await;
+            let written = material_of(&put);
+            respond(send, 200, &put);
+            let (_, send) = expect(&mut api, Method::GET, CONFIG).await;
+            respond(
+                send,
+                200,
+                &config([Some(&old.ca_bundle), Some(&old.ca_bundle)]),
+            );
+            let (patch, send) = expect(&mut api, Method::PATCH, CONFIG).await;
+            assert_eq!(
+                patch,
+                bundle_patch(
+                    &[0, 1],
+                    &["pod-label.inject.wsdrain.io", "namespace.inject.wsdrain.io"],
+                    &written.ca_bundle
+                )
+            );
+            respond(
+                send,
+                200,
+                &config([Some(&written.ca_bundle), Some(&written.ca_bundle)]),
+            );
+            written
+        });
+        let round = round(&mut manager, now).await;
+        let written = server.await.expect("mock server");
+        assert!(round.leader);
+        let bundle = ders(&written.ca_bundle);
+        assert_eq!(bundle.len(), 2, "new CA and the old one");
+        assert_eq!(
+            bundle[1],
+            ders(&stored.ca_bundle)[0],
+            "old CA still trusted"
+        );
+        assert_eq!(
+            written.tls_cert, stored.tls_cert,
+            "serving certificate kept until the new CA propagated"
+        );
+    }
+
+    #[tokio::test]
+    async fn leader_with_current_certificates_only_renews_the_lease() {
+        wsdrain::webhook::tls::install_ring();
+        let now = SystemTime::now();
+        let stored = pki::renew(
+            &Material::default(),
+            pki::plan(&Material::default(), now),
+            &["x".into()],
+            now,
+        )
+        .expect("material");
+        let (mut manager, mut api) = manager("webhook-a");
+        let current = stored.clone();
+        let server = tokio::spawn(async move {
+            let (_, send) = expect(&mut api, Method::GET, LEASE).await;
+            respond(
+                send,
+                200,
+                &lease(Some("webhook-a"), now - Duration::from_secs(10)),
+            );
+            let (put, send) = expect(&mut api, Method::PUT, LEASE).await;
+            respond(send, 200, &put);
+            let (_, send) = expect(&mut api, Method::GET, SECRET).await;
+            respond(send, 200, &secret(&current));
+            let (_, send) = expect(&mut api, Method::GET, CONFIG).await;
+            respond(
+                send,
+                200,
+                &config([Some(&current.ca_bundle), Some(&current.ca_bundle)]),
+            );
+            api
+        });
+        let round = round(&mut manager, now).await;
+        let mut api = server.await.expect("mock server");
+        assert!(round.leader);
+        assert_eq!(round.material, stored);
+        drop(manager);
+        assert!(
+            api.as_mut().next_request().await.is_none(),
+            "nothing to write"
+        );
     }
 }

@@ -115,7 +115,8 @@ impl Metrics {
     }
 
     pub fn set_connections(&self, open: usize) {
-        self.connections.set(i64::try_from(open).unwrap_or(i64::MAX));
+        self.connections
+            .set(i64::try_from(open).unwrap_or(i64::MAX));
     }
 
     pub fn connection_evicted(&self) {

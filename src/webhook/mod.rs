@@ -5,6 +5,7 @@ pub mod connections;
 pub mod metrics;
 pub mod pki;
 pub mod review;
+pub mod self_managed;
 pub mod server;
 pub mod tls;
 
@@ -38,7 +39,7 @@ pub struct WebhookArgs {
         long,
         env = "WSDRAIN_WEBHOOK_CERT",
         requires = "key",
-        required_unless_present = "self_signed"
+        required_unless_present_any = ["self_signed", "self_managed"]
     )]
     pub cert: Option<PathBuf>,
 
@@ -50,12 +51,38 @@ pub struct WebhookArgs {
     #[arg(long, env = "WSDRAIN_WEBHOOK_SELF_SIGNED", conflicts_with_all = ["cert", "key"])]
     pub self_signed: bool,
 
-    /// Names for the self-signed certificate (DNS names or IPs, comma-separated in the env
+    /// Manage the CA and serving certificate in the Secret `--tls-secret` and keep the
+    /// caBundle of `--webhook-config` current (no cert-manager); replicas elect one writer
+    /// with the Lease `--lease`.
+    #[arg(long, env = "WSDRAIN_WEBHOOK_SELF_MANAGED", conflicts_with_all = ["cert", "key", "self_signed"])]
+    pub self_managed: bool,
+
+    /// Secret holding ca.crt, ca.key, tls.crt, tls.key (`--self-managed`).
+    #[arg(
+        long,
+        env = "WSDRAIN_WEBHOOK_TLS_SECRET",
+        default_value = "wsdrain-webhook-tls"
+    )]
+    pub tls_secret: String,
+
+    /// Lease naming the one replica that writes certificates (`--self-managed`).
+    #[arg(long, env = "WSDRAIN_WEBHOOK_LEASE", default_value = "wsdrain-webhook")]
+    pub lease: String,
+
+    /// MutatingWebhookConfiguration whose caBundle is kept current (`--self-managed`).
+    #[arg(long, env = "WSDRAIN_WEBHOOK_CONFIG", default_value = "wsdrain")]
+    pub webhook_config: String,
+
+    /// This replica's name in the Lease; the pod name (downward API).
+    #[arg(long, env = "WSDRAIN_WEBHOOK_IDENTITY", default_value = "")]
+    pub identity: String,
+
+    /// Names for the self-signed or self-managed certificate (DNS names or IPs, comma-separated in the env
     /// var). Default: localhost, 127.0.0.1 and the service's DNS names.
     #[arg(long = "san", env = "WSDRAIN_WEBHOOK_SANS", value_delimiter = ',')]
     pub sans: Vec<String>,
 
-    /// Service name, for the default self-signed names.
+    /// Service name, for the default certificate names.
     #[arg(
         long,
         env = "WSDRAIN_WEBHOOK_SERVICE",
@@ -63,7 +90,8 @@ pub struct WebhookArgs {
     )]
     pub service: String,
 
-    /// Namespace the webhook runs in, for the default self-signed names.
+    /// Namespace the webhook runs in: the default certificate names, and where the
+    /// Secret and Lease of `--self-managed` are.
     #[arg(long, env = "WSDRAIN_WEBHOOK_NAMESPACE", default_value = "wsdrain")]
     pub namespace: String,
 
@@ -101,16 +129,47 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
     let stop = CancellationToken::new();
     let metrics = Arc::new(metrics::Metrics::new());
     let store = if args.self_signed {
-        let sans = if args.sans.is_empty() {
-            default_sans(&args.service, &args.namespace)
-        } else {
-            args.sans.clone()
-        };
+        let sans = sans(&args, true);
         let generated = tls::self_signed(&sans).context("--self-signed")?;
         // stdout carries only this line, so scripts can take it: `... | sed -n 's/^caBundle: //p'`.
-        println!("caBundle: {}", BASE64_STANDARD.encode(generated.ca_pem.as_bytes()));
+        println!(
+            "caBundle: {}",
+            BASE64_STANDARD.encode(generated.ca_pem.as_bytes())
+        );
         tracing::info!(?sans, "serving a self-signed certificate (lab use)");
         tls::CertStore::new(generated.key)
+    } else if args.self_managed {
+        let client = kube::Client::try_default()
+            .await
+            .context("--self-managed needs the Kubernetes API (in-cluster config or kubeconfig)")?;
+        let identity = if args.identity.is_empty() {
+            std::env::var("HOSTNAME")
+                .unwrap_or_else(|_| format!("wsdrain-webhook-{}", std::process::id()))
+        } else {
+            args.identity.clone()
+        };
+        let names = self_managed::Names {
+            namespace: args.namespace.clone(),
+            secret: args.tls_secret.clone(),
+            lease: args.lease.clone(),
+            webhook_config: args.webhook_config.clone(),
+            identity,
+            sans: sans(&args, false),
+        };
+        tracing::info!(?names, "self-managed certificates");
+        let mut manager = self_managed::Manager::new(client, names);
+        let every = self_managed::ROUND_EVERY;
+        let (key, served) =
+            self_managed::first_certificate(&mut manager, Duration::from_secs(2)).await;
+        let store = tls::CertStore::new(key);
+        tokio::spawn(self_managed::run(
+            manager,
+            store.clone(),
+            served,
+            every,
+            stop.clone(),
+        ));
+        store
     } else {
         let (Some(cert), Some(key)) = (args.cert.clone(), args.key.clone()) else {
             anyhow::bail!("--cert and --key are required unless --self-signed is given");
@@ -161,15 +220,24 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn default_sans(service: &str, namespace: &str) -> Vec<String> {
-    vec![
-        "localhost".into(),
-        "127.0.0.1".into(),
-        service.into(),
+/// `--san`, or the Service's DNS names (and loopback names for labs).
+fn sans(args: &WebhookArgs, loopback: bool) -> Vec<String> {
+    if !args.sans.is_empty() {
+        return args.sans.clone();
+    }
+    let (service, namespace) = (&args.service, &args.namespace);
+    let mut names = if loopback {
+        vec!["localhost".to_owned(), "127.0.0.1".to_owned()]
+    } else {
+        vec![]
+    };
+    names.extend([
+        service.clone(),
         format!("{service}.{namespace}"),
         format!("{service}.{namespace}.svc"),
         format!("{service}.{namespace}.svc.cluster.local"),
-    ]
+    ]);
+    names
 }
 
 async fn stop_on_signal(stop: CancellationToken) {

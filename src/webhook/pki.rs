@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use k8s_openapi::ByteString;
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, PublicKeyData,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PublicKeyData,
 };
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -154,7 +154,9 @@ pub fn plan(m: &Material, now: SystemTime) -> Plan {
     let pair_ok = super::tls::certified_key(m.tls_cert.as_bytes(), m.tls_key.as_bytes()).is_ok();
     // Usable: served today without a handshake failing; its signer is still trusted.
     let leaf_usable = pair_ok
-        && chain.first().is_some_and(|leaf| remaining(leaf, now) > Duration::ZERO)
+        && chain
+            .first()
+            .is_some_and(|leaf| remaining(leaf, now) > Duration::ZERO)
         && chain.get(1).is_some_and(|signer| {
             remaining(signer, now) > Duration::ZERO && cas.iter().any(|ca| ca.der == signer.der)
         });
@@ -296,8 +298,17 @@ mod tests {
         let (p, m) = step(&Material::default(), now);
         assert!(p.new_ca && p.new_leaf, "{p:?}");
         assert_eq!(cas(&m), 1);
-        assert!(super::super::tls::certified_key(m.tls_cert.as_bytes(), m.tls_key.as_bytes()).is_ok());
-        assert_eq!(plan(&m, now), Plan { new_ca: false, new_leaf: false, reason: "certificates current" });
+        assert!(
+            super::super::tls::certified_key(m.tls_cert.as_bytes(), m.tls_key.as_bytes()).is_ok()
+        );
+        assert_eq!(
+            plan(&m, now),
+            Plan {
+                new_ca: false,
+                new_leaf: false,
+                reason: "certificates current"
+            }
+        );
         // Round trip through the Secret's data.
         assert_eq!(Material::from_secret_data(Some(&m.to_secret_data())), m);
     }
@@ -330,7 +341,10 @@ mod tests {
         let before = renew(&m, leaf_only, &sans(), rotation - 61 * DAY).expect("leaf");
         let (p, rotated) = step(&before, rotation);
         assert!(p.new_ca, "{p:?}");
-        assert!(!p.new_leaf, "serving cert under the old CA is still usable: {p:?}");
+        assert!(
+            !p.new_leaf,
+            "serving cert under the old CA is still usable: {p:?}"
+        );
         assert_eq!(cas(&rotated), 2, "new CA first, old CA kept");
         assert_eq!(
             parse_chain(&rotated.ca_bundle)[1].der,
@@ -342,12 +356,19 @@ mod tests {
         // by the new CA.
         let p = plan(&rotated, rotation + Duration::from_secs(60));
         assert!(!p.new_ca && !p.new_leaf, "{p:?}");
-        assert_eq!(p.reason, "serving certificate renewal waits for the new CA to propagate");
+        assert_eq!(
+            p.reason,
+            "serving certificate renewal waits for the new CA to propagate"
+        );
         let late = rotation + CA_PROPAGATION + BACKDATE;
         let (p, renewed) = step(&rotated, late);
         assert_eq!((p.new_ca, p.new_leaf), (false, true), "{p:?}");
         let signer = &parse_chain(&renewed.tls_cert)[1];
-        assert_eq!(signer.der, parse_chain(&renewed.ca_bundle)[0].der, "signed by the new CA");
+        assert_eq!(
+            signer.der,
+            parse_chain(&renewed.ca_bundle)[0].der,
+            "signed by the new CA"
+        );
 
         // Once the old CA has expired it leaves the bundle at the next CA change only;
         // until then it is harmless. An expired serving certificate is replaced at once.

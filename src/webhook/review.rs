@@ -202,7 +202,10 @@ fn encode(mut resp: AdmissionResponse) -> Result<Vec<u8>, serde_json::Error> {
         patch,
         out.get_mut("response").and_then(Value::as_object_mut),
     ) {
-        response.insert("patch".into(), Value::String(BASE64_STANDARD.encode(&patch)));
+        response.insert(
+            "patch".into(),
+            Value::String(BASE64_STANDARD.encode(&patch)),
+        );
     }
     serde_json::to_vec(&out)
 }
@@ -342,7 +345,8 @@ mod tests {
         assert_eq!(out["response"]["patchType"], "JSONPatch");
         assert_eq!(
             out["response"]["patch"],
-            BASE64_STANDARD.encode(br#"[{"op":"add","path":"/metadata/labels","value":{"a":"b"}}]"#)
+            BASE64_STANDARD
+                .encode(br#"[{"op":"add","path":"/metadata/labels","value":{"a":"b"}}]"#)
         );
     }
 }
