@@ -367,13 +367,35 @@ async fn native_sidecars_flag_decides_where_the_agent_goes() {
     assert!(!in_init, "classic sidecar without a known version: {agent}");
 }
 
-/// The webhook container of deploy/deployment.yaml: (args, env name/value pairs).
-fn shipped_webhook_container() -> (Vec<String>, Vec<(String, String)>) {
-    let text = std::fs::read_to_string(common::repo_path("deploy/deployment.yaml")).expect("read");
-    let deployment = serde_yaml::Deserializer::from_str(&text)
+/// `kubectl kustomize` of a directory under deploy/: every object it renders.
+fn render(dir: &str) -> (String, Vec<Value>) {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(common::repo_path(dir))
+        .output()
+        .expect("run kubectl kustomize (kubectl is needed for the deploy tests)");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {dir}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf8");
+    let docs = serde_yaml::Deserializer::from_str(&text)
         .map(|doc| Value::deserialize(doc).expect("yaml"))
-        .find(|doc| doc["kind"] == "Deployment")
-        .expect("a Deployment");
+        .collect();
+    (text, docs)
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} rendered"))
+}
+
+/// The webhook container of an overlay's Deployment: (args, env name/value pairs).
+fn shipped_webhook_container(overlay: &str) -> (Vec<String>, Vec<(String, String)>) {
+    let (_, docs) = render(overlay);
+    let deployment = find(&docs, "Deployment", "wsdrain-webhook");
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     let args = container["args"]
         .as_array()
@@ -397,9 +419,80 @@ fn shipped_webhook_container() -> (Vec<String>, Vec<(String, String)>) {
     (args, env)
 }
 
+#[test]
+fn both_overlays_render_and_validate_strictly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for overlay in [
+        "deploy",
+        "deploy/overlays/cert-manager",
+        "deploy/overlays/self-managed",
+    ] {
+        let (text, _) = render(overlay);
+        let path = dir.path().join(overlay.replace('/', "-") + ".yaml");
+        std::fs::write(&path, text).expect("write");
+        common::kubernetes_validate(&path);
+    }
+    let (_, plain) = render("deploy");
+    let (_, cm) = render("deploy/overlays/cert-manager");
+    assert_eq!(
+        plain, cm,
+        "`kubectl apply -k deploy/` is the cert-manager install"
+    );
+    assert_eq!(
+        find(&cm, "MutatingWebhookConfiguration", "wsdrain")["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        "wsdrain/wsdrain-webhook"
+    );
+
+    let (_, sm) = render("deploy/overlays/self-managed");
+    assert!(
+        sm.iter().all(|d| !d["apiVersion"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("cert-manager.io")),
+        "no cert-manager objects"
+    );
+    let config = find(&sm, "MutatingWebhookConfiguration", "wsdrain");
+    assert!(config["metadata"]["annotations"].is_null(), "{config}");
+    let container =
+        &find(&sm, "Deployment", "wsdrain-webhook")["spec"]["template"]["spec"]["containers"][0];
+    assert!(
+        container["args"]
+            .as_array()
+            .expect("args")
+            .contains(&Value::from("--self-managed")),
+        "{container}"
+    );
+    assert!(
+        container["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .any(|e| e["name"] == "WSDRAIN_WEBHOOK_IDENTITY"
+                && e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"),
+        "{container}"
+    );
+    // RBAC names exactly the objects the flags' defaults name, and nothing wider.
+    let role = find(&sm, "Role", "wsdrain-webhook-certificates");
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([
+            {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["wsdrain-webhook-tls"], "verbs": ["get", "update"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["wsdrain-webhook"], "verbs": ["get", "update"]},
+        ])
+    );
+    assert_eq!(
+        find(&sm, "ClusterRole", "wsdrain-webhook-ca-bundle")["rules"],
+        serde_json::json!([
+            {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"], "resourceNames": ["wsdrain"], "verbs": ["get", "patch"]},
+        ])
+    );
+    find(&sm, "Secret", "wsdrain-webhook-tls");
+    find(&sm, "Lease", "wsdrain-webhook");
+}
+
 #[tokio::test]
 async fn the_shipped_deployment_starts_and_injects_the_image_it_names() {
-    let (args, mut env) = shipped_webhook_container();
+    let (args, mut env) = shipped_webhook_container("deploy/overlays/cert-manager");
     // Pin an image no default could produce: the manifest's env name must be the one the
     // webhook reads (a mirror or a pinned tag is set exactly there).
     let image = "registry.test/mirror/wsdrain:pinned";
