@@ -1370,3 +1370,120 @@ mod self_managed {
         );
     }
 }
+
+// ---- wsdrain_drains_total from the agents' Events, against the mock API --------------------
+
+mod drain_events {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use http::{Method, Request, Response};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+    use tokio_util::sync::CancellationToken;
+    use tower_test::mock;
+    use wsdrain::webhook::metrics::Metrics;
+
+    fn event(uid: &str, reason: &str, pod: &str, series: Option<i32>) -> Value {
+        let mut e = json!({
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": format!("{pod}.{uid}"), "namespace": "chat", "uid": uid, "resourceVersion": "1"},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": "chat", "name": pod},
+            "reason": reason, "type": "Normal", "action": "Drain",
+            "reportingComponent": "wsdrain.io/agent", "reportingInstance": pod,
+            "eventTime": "2026-01-01T00:00:00.000000Z",
+        });
+        if let Some(count) = series {
+            e["series"] =
+                json!({"count": count, "lastObservedTime": "2026-01-01T00:00:10.000000Z"});
+        }
+        e
+    }
+
+    fn counted(metrics: &Metrics, workload: &str, outcome: &str) -> Option<u64> {
+        let prefix = format!(
+            "wsdrain_drains_total{{namespace=\"chat\",workload=\"{workload}\",outcome=\"{outcome}\"}} "
+        );
+        metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str())?.parse().ok())
+    }
+
+    #[tokio::test]
+    async fn finished_drains_are_counted_by_workload_and_outcome_after_the_baseline() {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let mut handle = Box::pin(handle);
+        let client = kube::Client::new(service, "default");
+        let metrics = Arc::new(Metrics::new());
+        let stop = CancellationToken::new();
+        let counting = tokio::spawn(wsdrain::webhook::drains::count(
+            client,
+            metrics.clone(),
+            stop.clone(),
+        ));
+
+        // The initial list: cluster-wide, only the agents' Events. A baseline.
+        let (req, send) = handle.as_mut().next_request().await.expect("list");
+        assert_eq!(req.method(), Method::GET);
+        assert_eq!(req.uri().path(), "/api/v1/events");
+        assert_eq!(
+            req.uri().query(),
+            Some("&fieldSelector=reportingComponent%3Dwsdrain.io%2Fagent&limit=500")
+        );
+        let list = json!({"apiVersion": "v1", "kind": "EventList", "metadata": {"resourceVersion": "100"},
+                          "items": [event("old", "DrainCompleted", "ws-7d9f6c5b8d-x2x9z", None)]});
+        send.send_response(Response::new(Body::from(
+            serde_json::to_vec(&list).expect("json"),
+        )));
+
+        // The watch from there on.
+        let (req, send) = handle.as_mut().next_request().await.expect("watch");
+        assert_eq!(req.uri().path(), "/api/v1/events");
+        assert_eq!(
+            req.uri().query(),
+            Some(
+                "&watch=true&timeoutSeconds=290&fieldSelector=reportingComponent%3Dwsdrain.io%2Fagent\
+                 &allowWatchBookmarks=true&resourceVersion=100"
+            )
+        );
+        let lines: Vec<u8> = [
+            json!({"type": "ADDED", "object": event("a", "DrainCompleted", "ws-7d9f6c5b8d-x2x9z", None)}),
+            json!({"type": "ADDED", "object": event("b", "DrainCompleted", "ws-7d9f6c5b8d-b4n6q", None)}),
+            json!({"type": "ADDED", "object": event("c", "DrainStarted", "ws-7d9f6c5b8d-b4n6q", None)}),
+            json!({"type": "ADDED", "object": event("d", "DrainDeadlineExceeded", "db-0", Some(2))}),
+            json!({"type": "MODIFIED", "object": event("d", "DrainDeadlineExceeded", "db-0", Some(3))}),
+            json!({"type": "MODIFIED", "object": event("a", "DrainCompleted", "ws-7d9f6c5b8d-x2x9z", None)}),
+        ]
+        .iter()
+        .flat_map(|v| {
+            let mut line = serde_json::to_vec(v).expect("json");
+            line.push(b'\n');
+            line
+        })
+        .collect();
+        send.send_response(Response::new(Body::from(lines)));
+
+        let end = Instant::now() + Duration::from_secs(5);
+        while counted(&metrics, "db", "deadline_exceeded") != Some(3) {
+            assert!(
+                Instant::now() < end,
+                "not counted within 5 s:\n{}",
+                metrics.encode()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            counted(&metrics, "ws", "drained"),
+            Some(2),
+            "{}",
+            metrics.encode()
+        );
+        assert!(!metrics.encode().contains("outcome=\"started\""));
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), counting)
+            .await
+            .expect("stops")
+            .expect("task");
+    }
+}

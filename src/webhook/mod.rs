@@ -2,6 +2,7 @@
 //! the same pure injector as `wsdrain inject`. See docs/webhook.md.
 
 pub mod connections;
+pub mod drains;
 pub mod metrics;
 pub mod pki;
 pub mod review;
@@ -128,6 +129,16 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
 
     let stop = CancellationToken::new();
     let metrics = Arc::new(metrics::Metrics::new());
+    let client = match kube::Client::try_default().await {
+        Ok(client) => Some(client),
+        Err(e) => {
+            tracing::info!(error = %e, "no Kubernetes API configuration: drains are not counted");
+            None
+        }
+    };
+    if let Some(client) = &client {
+        tokio::spawn(drains::count(client.clone(), metrics.clone(), stop.clone()));
+    }
     let store = if args.self_signed {
         let sans = sans(&args, true);
         let generated = tls::self_signed(&sans).context("--self-signed")?;
@@ -139,8 +150,8 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
         tracing::info!(?sans, "serving a self-signed certificate (lab use)");
         tls::CertStore::new(generated.key)
     } else if args.self_managed {
-        let client = kube::Client::try_default()
-            .await
+        let client = client
+            .clone()
             .context("--self-managed needs the Kubernetes API (in-cluster config or kubeconfig)")?;
         let identity = if args.identity.is_empty() {
             std::env::var("HOSTNAME")
