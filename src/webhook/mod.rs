@@ -179,6 +179,7 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
             served,
             every,
             stop.clone(),
+            metrics.clone(),
         ));
         store
     } else {

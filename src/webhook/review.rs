@@ -475,12 +475,10 @@ mod properties {
                     (Value::Object(map), Some(v)) => { map.insert(key.to_owned(), v); }
                     (Value::Object(map), None) => { map.remove(key); }
                     (Value::Array(items), v) => {
-                        if let Ok(i) = key.parse::<usize>() {
-                            if i < items.len() {
-                                match v {
-                                    Some(v) => items[i] = v,
-                                    None => { items.remove(i); }
-                                }
+                        if let Some(i) = key.parse::<usize>().ok().filter(|&i| i < items.len()) {
+                            match v {
+                                Some(v) => items[i] = v,
+                                None => { items.remove(i); }
                             }
                         }
                     }

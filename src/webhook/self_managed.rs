@@ -287,6 +287,7 @@ pub async fn run(
     mut served: String,
     every: Duration,
     stop: tokio_util::sync::CancellationToken,
+    metrics: std::sync::Arc<super::metrics::Metrics>,
 ) {
     loop {
         tokio::select! {
@@ -309,6 +310,7 @@ pub async fn run(
         ) {
             Ok(key) => {
                 store.set(key);
+                metrics.certificate_reloaded(true);
                 served = round.material.tls_cert;
                 tracing::info!("serving the renewed certificate from the Secret");
             }
