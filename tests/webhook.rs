@@ -988,9 +988,14 @@ mod self_managed {
             lease: "wsdrain-webhook".into(),
             webhook_config: "wsdrain".into(),
             identity: identity.into(),
-            sans: vec!["wsdrain-webhook.wsdrain.svc".into()],
+            sans: sans(),
         };
         (Manager::new(client, names), Box::pin(handle))
+    }
+
+    /// The serving certificate's names, the same in stored material and in the flags.
+    fn sans() -> Vec<String> {
+        vec!["wsdrain-webhook.wsdrain.svc".into()]
     }
 
     async fn next(handle: &mut MockHandle) -> (Request<Body>, SendResponse<Response<Body>>) {
@@ -1177,8 +1182,8 @@ mod self_managed {
         let now = SystemTime::now();
         let stored = pki::renew(
             &Material::default(),
-            pki::plan(&Material::default(), now),
-            &["x".into()],
+            pki::plan(&Material::default(), &sans(), now),
+            &sans(),
             now,
         )
         .expect("material");
@@ -1248,8 +1253,8 @@ mod self_managed {
         let t0 = SystemTime::now();
         let stored = pki::renew(
             &Material::default(),
-            pki::plan(&Material::default(), t0),
-            &["x".into()],
+            pki::plan(&Material::default(), &sans(), t0),
+            &sans(),
             t0,
         )
         .expect("material");
@@ -1264,7 +1269,7 @@ mod self_managed {
         let stored = pki::renew(
             &stored,
             leaf_only,
-            &["x".into()],
+            &sans(),
             now - Duration::from_secs(10 * 86_400),
         )
         .expect("leaf");
@@ -1333,8 +1338,8 @@ mod self_managed {
         let now = SystemTime::now();
         let stored = pki::renew(
             &Material::default(),
-            pki::plan(&Material::default(), now),
-            &["x".into()],
+            pki::plan(&Material::default(), &sans(), now),
+            &sans(),
             now,
         )
         .expect("material");

@@ -16,6 +16,7 @@ use rcgen::{
 };
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use x509_parser::extensions::GeneralName;
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 pub const CA_LIFETIME: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
@@ -90,6 +91,8 @@ struct Cert {
     pem: String,
     der: Vec<u8>,
     spki: Vec<u8>,
+    /// DNS names and IP addresses, as written in `--san`.
+    sans: Vec<String>,
     not_before: SystemTime,
     not_after: SystemTime,
 }
@@ -100,7 +103,24 @@ fn parse_chain(pem: &str) -> Vec<Cert> {
         .filter_map(|der| {
             let (_, x509) = x509_parser::parse_x509_certificate(&der).ok()?;
             let validity = x509.validity();
+            let sans = x509
+                .subject_alternative_name()
+                .ok()
+                .flatten()
+                .map(|ext| {
+                    ext.value
+                        .general_names
+                        .iter()
+                        .filter_map(|name| match name {
+                            GeneralName::DNSName(dns) => Some((*dns).to_owned()),
+                            GeneralName::IPAddress(ip) => ip_text(ip),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             Some(Cert {
+                sans,
                 pem: pem_of(&der),
                 spki: x509.public_key().raw.to_vec(),
                 not_before: validity.not_before.to_datetime().into(),
@@ -109,6 +129,15 @@ fn parse_chain(pem: &str) -> Vec<Cert> {
             })
         })
         .collect()
+}
+
+fn ip_text(bytes: &[u8]) -> Option<String> {
+    let ip = match bytes.len() {
+        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    Some(ip.to_string())
 }
 
 fn pem_of(der: &[u8]) -> String {
@@ -139,8 +168,8 @@ pub struct Plan {
     pub reason: &'static str,
 }
 
-/// Decides what to renew in `m` at `now`.
-pub fn plan(m: &Material, now: SystemTime) -> Plan {
+/// Decides what to renew in `m` at `now`, for a serving certificate naming `sans`.
+pub fn plan(m: &Material, sans: &[String], now: SystemTime) -> Plan {
     let cas = parse_chain(&m.ca_bundle);
     let key_spki = KeyPair::from_pem(&m.ca_key)
         .ok()
@@ -160,7 +189,16 @@ pub fn plan(m: &Material, now: SystemTime) -> Plan {
         && chain.get(1).is_some_and(|signer| {
             remaining(signer, now) > Duration::ZERO && cas.iter().any(|ca| ca.der == signer.der)
         });
+    let same_names = |leaf: &Cert| {
+        let mut have = leaf.sans.clone();
+        let mut want = sans.to_vec();
+        have.sort();
+        want.sort();
+        have == want
+    };
+    let renamed = chain.first().is_some_and(|leaf| !same_names(leaf));
     let leaf_fresh = leaf_usable
+        && !renamed
         && chain
             .first()
             .is_some_and(|leaf| remaining(leaf, now) > LEAF_RENEW_BEFORE);
@@ -197,7 +235,9 @@ pub fn plan(m: &Material, now: SystemTime) -> Plan {
     Plan {
         new_ca: false,
         new_leaf: true,
-        reason: if leaf_usable {
+        reason: if renamed {
+            "serving certificate names changed"
+        } else if leaf_usable {
             "serving certificate expires soon"
         } else {
             "no usable serving certificate"
@@ -283,7 +323,7 @@ mod tests {
     }
 
     fn step(m: &Material, now: SystemTime) -> (Plan, Material) {
-        let p = plan(m, now);
+        let p = plan(m, &sans(), now);
         (p, renew(m, p, &sans(), now).expect("renew"))
     }
 
@@ -302,7 +342,7 @@ mod tests {
             super::super::tls::certified_key(m.tls_cert.as_bytes(), m.tls_key.as_bytes()).is_ok()
         );
         assert_eq!(
-            plan(&m, now),
+            plan(&m, &sans(), now),
             Plan {
                 new_ca: false,
                 new_leaf: false,
@@ -354,7 +394,7 @@ mod tests {
 
         // The due serving certificate waits for the new CA to propagate, then is signed
         // by the new CA.
-        let p = plan(&rotated, rotation + Duration::from_secs(60));
+        let p = plan(&rotated, &sans(), rotation + Duration::from_secs(60));
         assert!(!p.new_ca && !p.new_leaf, "{p:?}");
         assert_eq!(
             p.reason,
@@ -386,7 +426,7 @@ mod tests {
             tls_cert: "junk".into(),
             tls_key: "junk".into(),
         };
-        let p = plan(&bad, now);
+        let p = plan(&bad, &sans(), now);
         assert!(p.new_ca && p.new_leaf, "{p:?}");
 
         let (_, good) = step(&Material::default(), now);
@@ -394,8 +434,24 @@ mod tests {
             ca_key: KeyPair::generate().expect("key").serialize_pem(),
             ..good
         };
-        let p = plan(&foreign, now);
+        let p = plan(&foreign, &sans(), now);
         assert!(p.new_ca, "{p:?}");
         assert_eq!(p.reason, "CA key missing or not matching the CA");
+    }
+
+    #[test]
+    fn changed_names_renew_the_serving_certificate_under_the_same_ca() {
+        super::super::tls::install_ring();
+        let now = SystemTime::now();
+        let (_, m) = step(&Material::default(), now);
+        let mut reordered = sans();
+        reordered.reverse();
+        assert!(!plan(&m, &reordered, now).new_leaf, "order does not matter");
+        let renamed = vec!["other.wsdrain.svc".to_string()];
+        let p = plan(&m, &renamed, now + Duration::from_secs(3600));
+        assert_eq!((p.new_ca, p.new_leaf), (false, true), "{p:?}");
+        assert_eq!(p.reason, "serving certificate names changed");
+        let next = renew(&m, p, &renamed, now).expect("renew");
+        assert_eq!(parse_chain(&next.tls_cert)[0].sans, renamed);
     }
 }

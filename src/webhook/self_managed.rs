@@ -143,7 +143,7 @@ impl Manager {
             .map_err(api("get Secret"))?;
         let mut material = Material::from_secret_data(secret.data.as_ref());
         if leader {
-            let plan = pki::plan(&material, now);
+            let plan = pki::plan(&material, &self.names.sans, now);
             if plan.new_ca || plan.new_leaf {
                 let next = pki::renew(&material, plan, &self.names.sans, now)?;
                 let mut updated = secret;
