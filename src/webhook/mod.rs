@@ -139,6 +139,47 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
     if let Some(client) = &client {
         tokio::spawn(drains::count(client.clone(), metrics.clone(), stop.clone()));
     }
+    let store = serving_certificate(&args, client, metrics.clone(), stop.clone()).await?;
+    let tls_config = tls::server_config(store)?;
+
+    let app = Arc::new(server::App {
+        settings: InjectSettings {
+            image_pull_policy: args.image_pull_policy.clone(),
+            native_sidecars,
+            // The MutatingWebhookConfiguration's selectors only call us for opted-in
+            // namespaces or pods (the namespace label is not in the request), so being
+            // called means opted in; a pod label `wsdrain.io/inject: "false"` still wins.
+            namespace_opted_in: true,
+            ..InjectSettings::new(args.image.clone())
+        },
+        metrics,
+        body_limit: args.max_body,
+    });
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("bind {}", args.listen))?;
+    tracing::info!(
+        listen = %args.listen,
+        image = %args.image,
+        native_sidecars,
+        "webhook serving /mutate, /healthz, /metrics"
+    );
+    tokio::spawn(stop_on_signal(stop.clone()));
+    server::serve(listener, tls_config, app, stop).await;
+    tracing::info!("webhook stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Where the served certificate comes from: generated in memory (`--self-signed`), the
+/// Secret kept by `--self-managed`, or the files `--cert`/`--key` (cert-manager). Starts
+/// the task that keeps it current.
+async fn serving_certificate(
+    args: &WebhookArgs,
+    client: Option<kube::Client>,
+    metrics: Arc<metrics::Metrics>,
+    stop: CancellationToken,
+) -> anyhow::Result<Arc<tls::CertStore>> {
     let store = if args.self_signed {
         let sans = sans(&args, true);
         let generated = tls::self_signed(&sans).context("--self-signed")?;
@@ -151,7 +192,6 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
         tls::CertStore::new(generated.key)
     } else if args.self_managed {
         let client = client
-            .clone()
             .context("--self-managed needs the Kubernetes API (in-cluster config or kubeconfig)")?;
         let identity = if args.identity.is_empty() {
             std::env::var("HOSTNAME")
@@ -184,7 +224,9 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
         store
     } else {
         let (Some(cert), Some(key)) = (args.cert.clone(), args.key.clone()) else {
-            anyhow::bail!("--cert and --key are required unless --self-signed is given");
+            anyhow::bail!(
+                "--cert and --key are required unless --self-signed or --self-managed is given"
+            );
         };
         let mut files = tls::FilePair::new(cert, key);
         let first = files
@@ -201,35 +243,7 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
         ));
         store
     };
-    let tls_config = tls::server_config(store)?;
-
-    let app = Arc::new(server::App {
-        settings: InjectSettings {
-            image_pull_policy: args.image_pull_policy.clone(),
-            native_sidecars,
-            // The MutatingWebhookConfiguration's selectors only call us for opted-in
-            // namespaces or pods (the namespace label is not in the request), so being
-            // called means opted in; a pod label `wsdrain.io/inject: "false"` still wins.
-            namespace_opted_in: true,
-            ..InjectSettings::new(args.image.clone())
-        },
-        metrics,
-        body_limit: args.max_body,
-    });
-
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("bind {}", args.listen))?;
-    tracing::info!(
-        listen = %args.listen,
-        image = %args.image,
-        native_sidecars,
-        "webhook serving /mutate, /healthz, /metrics"
-    );
-    tokio::spawn(stop_on_signal(stop.clone()));
-    server::serve(listener, tls_config, app, stop).await;
-    tracing::info!("webhook stopped");
-    Ok(ExitCode::SUCCESS)
+    Ok(store)
 }
 
 /// `--san`, or the Service's DNS names (and loopback names for labs).
@@ -342,5 +356,17 @@ mod tests {
             "cert needs key"
         );
         assert!(Cli::try_parse_from(["x", "--self-signed", "--cert", "c", "--key", "k"]).is_err());
+        let cli = Cli::try_parse_from(["x", "--self-managed"]).expect("self-managed alone");
+        assert_eq!(
+            (
+                cli.args.tls_secret.as_str(),
+                cli.args.lease.as_str(),
+                cli.args.webhook_config.as_str()
+            ),
+            ("wsdrain-webhook-tls", "wsdrain-webhook", "wsdrain"),
+            "the names the overlay's RBAC grants"
+        );
+        assert!(Cli::try_parse_from(["x", "--self-managed", "--self-signed"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--self-managed", "--cert", "c", "--key", "k"]).is_err());
     }
 }
