@@ -331,6 +331,30 @@ mod tests {
         parse_chain(&m.ca_bundle).len()
     }
 
+    /// What the API server checks: the serving certificate verifies for the Service's
+    /// name against the caBundle alone, at `now`.
+    fn verifies(m: &Material, now: SystemTime) -> Result<(), rustls::Error> {
+        use rustls::client::WebPkiServerVerifier;
+        use rustls::client::danger::ServerCertVerifier;
+        use rustls::pki_types::{ServerName, UnixTime};
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in parse_chain(&m.ca_bundle) {
+            roots.add(CertificateDer::from(ca.der)).expect("root");
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+            .build()
+            .expect("verifier");
+        let chain = parse_chain(&m.tls_cert);
+        let leaf = CertificateDer::from(chain[0].der.clone());
+        let at =
+            UnixTime::since_unix_epoch(now.duration_since(SystemTime::UNIX_EPOCH).expect("time"));
+        let name = ServerName::try_from(SANS[0]).expect("name");
+        verifier
+            .verify_server_cert(&leaf, &[], &name, &[], at)
+            .map(|_| ())
+    }
+
     #[test]
     fn empty_secret_gets_a_ca_and_a_serving_certificate_at_once() {
         super::super::tls::install_ring();
@@ -341,6 +365,7 @@ mod tests {
         assert!(
             super::super::tls::certified_key(m.tls_cert.as_bytes(), m.tls_key.as_bytes()).is_ok()
         );
+        verifies(&m, now).expect("a client trusting the bundle accepts the certificate");
         assert_eq!(
             plan(&m, &sans(), now),
             Plan {
@@ -391,6 +416,7 @@ mod tests {
             parse_chain(&before.ca_bundle)[0].der
         );
         assert_eq!(rotated.tls_cert, before.tls_cert);
+        verifies(&rotated, rotation).expect("old serving certificate still trusted");
 
         // The due serving certificate waits for the new CA to propagate, then is signed
         // by the new CA.
@@ -409,6 +435,7 @@ mod tests {
             parse_chain(&renewed.ca_bundle)[0].der,
             "signed by the new CA"
         );
+        verifies(&renewed, late).expect("new serving certificate trusted");
 
         // Once the old CA has expired it leaves the bundle at the next CA change only;
         // until then it is harmless. An expired serving certificate is replaced at once.
