@@ -181,7 +181,7 @@ async fn serving_certificate(
     stop: CancellationToken,
 ) -> anyhow::Result<Arc<tls::CertStore>> {
     let store = if args.self_signed {
-        let sans = sans(&args, true);
+        let sans = sans(args, true);
         let generated = tls::self_signed(&sans).context("--self-signed")?;
         // stdout carries only this line, so scripts can take it: `... | sed -n 's/^caBundle: //p'`.
         println!(
@@ -205,7 +205,7 @@ async fn serving_certificate(
             lease: args.lease.clone(),
             webhook_config: args.webhook_config.clone(),
             identity,
-            sans: sans(&args, false),
+            sans: sans(args, false),
         };
         tracing::info!(?names, "self-managed certificates");
         let mut manager = self_managed::Manager::new(client, names);
