@@ -499,7 +499,7 @@ async fn the_shipped_deployment_starts_and_injects_the_image_it_names() {
     let named = env
         .iter_mut()
         .find(|(_, v)| v.starts_with("ghcr.io/wsdrain/wsdrain"))
-        .expect("deployment.yaml sets the injected image in an env var");
+        .expect("the Deployment sets the injected image in an env var");
     named.1 = image.to_owned();
     let pki = Pki::new();
     let dir = tempfile::tempdir().expect("tempdir");
