@@ -108,6 +108,10 @@ pub struct AgentArgs {
     #[arg(long, env = "WSDRAIN_POLL", default_value = "100ms", value_parser = parse_duration)]
     pub poll: Duration,
 
+    /// Count only on the poll, without the kernel's socket destroy notifications.
+    #[arg(long, env = "WSDRAIN_POLL_ONLY")]
+    pub poll_only: bool,
+
     /// Token required in the X-Wsdrain-Token header of /prestop and /drain.
     #[arg(long, env = "WSDRAIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -166,6 +170,7 @@ pub struct AgentConfig {
     pub reconnect_after: DurationRange,
     pub hint: HintTemplate,
     pub poll: Duration,
+    pub poll_only: bool,
     pub token: Option<String>,
     pub trigger_from: Vec<IpAddr>,
     pub linger: Duration,
@@ -290,6 +295,7 @@ impl AgentArgs {
             reconnect_after: self.reconnect_after,
             hint,
             poll: self.poll,
+            poll_only: self.poll_only,
             token,
             trigger_from: self.trigger_from,
             linger: self.linger,

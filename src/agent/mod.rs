@@ -58,8 +58,13 @@ impl Agent {
         let closer = cfg.admin_url.clone().map(|url| {
             Arc::new(AdminClient::new(url, cfg.admin_timeout)) as Arc<dyn SessionCloser>
         });
+        let counter = if cfg.poll_only {
+            SocketCounter::new(counter)
+        } else {
+            SocketCounter::event_driven(counter)
+        };
         let parts = Parts {
-            counter: Arc::new(SocketCounter::new(counter)),
+            counter: Arc::new(counter),
             closer,
             close_code: cfg.close_code,
             hint: cfg.hint.clone(),
