@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use crate::drain::report::Trigger;
 use crate::drain::runner::Drainer;
 use crate::metrics::Metrics;
-use crate::net::{json, text};
+use crate::net::{Slots, json, text};
 
 pub const TOKEN_HEADER: &str = "X-Wsdrain-Token";
 
@@ -77,28 +77,64 @@ struct State {
 
 type Resp = Response<Full<Bytes>>;
 
+/// Most API connections open at once. The kubelet needs a handful (probes, hooks), a
+/// metrics scraper and fleet peers one each; past the cap the oldest idle connection
+/// makes room (see `net::Slots`), so a flood of idle connections costs bounded memory
+/// and file descriptors and never starves `/livez` or a hook.
+pub const MAX_CONNECTIONS: usize = 64;
+
 /// Serves the API on `listener` until the process ends.
 pub async fn serve(listener: TcpListener, drainer: Drainer, metrics: Arc<Metrics>, guard: Guard) {
+    serve_with(listener, drainer, metrics, guard, Slots::new(MAX_CONNECTIONS)).await
+}
+
+/// `serve` with an explicit connection table (tests read its counters).
+pub async fn serve_with(
+    listener: TcpListener,
+    drainer: Drainer,
+    metrics: Arc<Metrics>,
+    guard: Guard,
+    slots: Arc<Slots>,
+) {
     let state = Arc::new(State {
         drainer,
         metrics,
         guard,
     });
+    let mut shed_logged = false;
     loop {
         let (stream, peer) = crate::net::accept(&listener).await;
+        let Some(slot) = slots.admit() else {
+            if !shed_logged {
+                tracing::warn!(%peer, max = MAX_CONNECTIONS, "every API connection has a request in flight; shedding new connections");
+                shed_logged = true;
+            }
+            continue;
+        };
+        let slot = Arc::new(slot);
         let state = state.clone();
         tokio::spawn(async move {
+            let in_service = slot.clone();
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, peer, req).await) }
+                let busy = in_service.busy();
+                async move {
+                    let resp = route(&state, peer, req).await;
+                    drop(busy);
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .max_buf_size(16 * 1024)
                 .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "api connection ended with an error");
+            tokio::select! {
+                ended = conn => if let Err(e) = ended {
+                    tracing::debug!(error = %e, %peer, "api connection ended with an error");
+                },
+                // Closed to make room for a newer connection: it was idle.
+                _ = slot.closed() => {}
             }
         });
     }

@@ -1,0 +1,168 @@
+//! The agent as a process under abuse: floods of idle API connections, a low file
+//! descriptor limit, a restart in the middle of a drain, an app that dies mid-drain.
+//! Every load is bounded in count and time; everything runs on loopback.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Proc, free_port, http, pod_ip, wait_listening, wsdrain_bin};
+use serde_json::Value;
+
+/// The agent's cap on API connections (`api::MAX_CONNECTIONS`).
+const CAP: usize = 64;
+/// Idle connections in a flood.
+const FLOOD: usize = 2000;
+/// What the kubelet allows a probe by default (`timeoutSeconds: 1`); the injected
+/// liveness probe allows 2 s. The bench shows the typical figure (well under 100 ms).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn quiet(cmd: &mut Command) {
+    if std::env::var_os("WSDRAIN_TEST_LOGS").is_none() {
+        cmd.stderr(std::process::Stdio::null());
+    }
+}
+
+/// An agent with at most `nofile` file descriptors (like `ulimit -n`), no settling.
+fn agent_with_fd_limit(ip: IpAddr, app_port: u16, nofile: u32, extra: &[&str]) -> (Proc, SocketAddr) {
+    let api = SocketAddr::new(ip, free_port(ip));
+    let mut cmd = Command::new("prlimit");
+    cmd.arg(format!("--nofile={nofile}:{nofile}"))
+        .arg("--")
+        .arg(wsdrain_bin())
+        .arg("agent")
+        .args(["--listen", &api.to_string()])
+        .args(["--ports", &app_port.to_string()])
+        .args(["--address", &ip.to_string()])
+        .args(["--termination-log", "", "--log-format", "text"])
+        .args(["--settle-min", "0ms", "--settle-quiet", "0ms", "--poll", "50ms"])
+        .args(extra)
+        .env("RUST_LOG", "info");
+    quiet(&mut cmd);
+    let p = Proc::spawn("agent", &mut cmd);
+    wait_listening(api, Duration::from_secs(10));
+    (p, api)
+}
+
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// VmRSS in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Opens `n` idle connections (TCP handshake only, no request), bounded in time.
+fn flood(api: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut open = Vec::with_capacity(n);
+    while open.len() < n && Instant::now() < end {
+        if let Ok(s) = TcpStream::connect_timeout(&api, Duration::from_secs(2)) {
+            open.push(s);
+        }
+    }
+    assert_eq!(open.len(), n, "the flood could not connect");
+    open
+}
+
+/// One request, timed.
+fn timed(method: &str, api: SocketAddr, path: &str) -> (u16, Duration, String) {
+    let t = Instant::now();
+    let (code, body) = http(method, api, path, &[]);
+    (code, t.elapsed(), body)
+}
+
+/// How many of `conns` the agent has closed (EOF or reset when read).
+fn closed_by_agent(conns: &[TcpStream]) -> usize {
+    conns
+        .iter()
+        .filter(|s| {
+            let _ = s.set_nonblocking(true);
+            let mut b = [0u8; 1];
+            match (&mut &**s).read(&mut b) {
+                Ok(0) => true,
+                Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+                Ok(_) => false,
+            }
+        })
+        .count()
+}
+
+/// Issue 12, items 2 and 3: 2000 idle API connections against an agent limited to 1024
+/// file descriptors. The agent holds at most its cap of connections (the oldest idle
+/// ones make room), never runs out of descriptors, answers `/livez` and a preStop hook
+/// within a probe timeout, and gives its memory back afterwards.
+#[test]
+fn idle_api_flood_under_a_low_fd_limit_keeps_probes_and_hooks_answered() {
+    let ip = pod_ip();
+    let app = TcpListener::bind((ip, 0)).expect("bind app");
+    let app_port = app.local_addr().expect("addr").port();
+    let (agent, api) = agent_with_fd_limit(ip, app_port, 1024, &[]);
+    let pid = agent.pid();
+    assert_eq!(timed("GET", api, "/livez").0, 200);
+    let idle_fds = open_fds(pid);
+    let idle_rss = rss_kib(pid);
+
+    let conns = flood(api, FLOOD);
+    // Still answered while the flood is held open.
+    for _ in 0..5 {
+        let (code, took, _) = timed("GET", api, "/livez");
+        assert_eq!(code, 200);
+        assert!(took < PROBE_TIMEOUT, "/livez took {took:?} under the flood");
+    }
+    let fds = open_fds(pid);
+    assert!(
+        fds <= idle_fds + CAP + 8,
+        "agent holds {fds} fds under the flood (idle {idle_fds}, cap {CAP})"
+    );
+    let closed = closed_by_agent(&conns);
+    assert!(
+        closed >= FLOOD - CAP - 8,
+        "only {closed} of {FLOOD} idle connections were closed by the agent"
+    );
+
+    // The hook: no app connections, so the drain ends at once and the hook is answered.
+    let (code, took, body) = timed("GET", api, "/prestop");
+    assert_eq!(code, 200, "{body}");
+    assert!(took < PROBE_TIMEOUT, "/prestop took {took:?} under the flood");
+    let summary: Value = serde_json::from_str(&body).expect("summary json");
+    assert_eq!(summary["outcome"], "Drained");
+
+    drop(conns);
+    let end = Instant::now() + Duration::from_secs(5);
+    while open_fds(pid) > idle_fds + 2 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(open_fds(pid) <= idle_fds + 2, "fds not returned after the flood");
+    // A bound that cannot flake: before the cap, 2000 connections kept ~23 MiB.
+    let after = rss_kib(pid);
+    assert!(
+        after <= idle_rss + 8 * 1024,
+        "RSS {after} KiB after the flood vs {idle_rss} KiB idle"
+    );
+    drop(app);
+}
+
+/// A slow-loris flood (half-sent requests) is idle too: it cannot starve a probe.
+#[test]
+fn half_sent_requests_do_not_starve_livez() {
+    let ip = pod_ip();
+    let app = TcpListener::bind((ip, 0)).expect("bind app");
+    let (_agent, api) = agent_with_fd_limit(ip, app.local_addr().expect("addr").port(), 1024, &[]);
+    let mut conns = flood(api, 500);
+    for c in &mut conns {
+        let _ = c.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n");
+    }
+    let (code, took, _) = timed("GET", api, "/livez");
+    assert_eq!(code, 200);
+    assert!(took < PROBE_TIMEOUT, "/livez took {took:?}");
+}
