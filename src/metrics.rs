@@ -47,6 +47,7 @@ pub struct Metrics {
     pub admin_requests: Family<ResultLabel, Counter>,
     pub count_errors: Counter,
     pub kube_failures: Gauge,
+    pub vanished: Counter,
 }
 
 impl Default for Metrics {
@@ -69,6 +70,7 @@ impl Metrics {
             admin_requests: Family::default(),
             count_errors: Counter::default(),
             kube_failures: Gauge::default(),
+            vanished: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -127,6 +129,11 @@ impl Metrics {
             "kube_api_failures",
             "Failed Kubernetes API calls",
             m.kube_failures.clone(),
+        );
+        registry.register(
+            "connections_vanished",
+            "Connections that went away during a drain without a close requested for them (app died, resets)",
+            m.vanished.clone(),
         );
         let m = Metrics { registry, ..m };
         m.set_phase(Phase::Serving);
@@ -189,6 +196,7 @@ impl Observer for Metrics {
             Outcome::DeadlineExceeded => "DeadlineExceeded",
         };
         self.drains.get_or_create(&OutcomeLabel { outcome }).inc();
+        self.vanished.inc_by(summary.vanished);
     }
 }
 
@@ -212,6 +220,7 @@ mod tests {
             "wsdrain_drain_phase{phase=\"serving\"} 1",
             "wsdrain_drain_phase{phase=\"closing\"} 0",
             "wsdrain_build_info{version=",
+            "wsdrain_connections_vanished_total 0",
         ] {
             assert!(text.contains(name), "{name} missing in:\n{text}");
         }

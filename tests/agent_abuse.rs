@@ -166,3 +166,62 @@ fn half_sent_requests_do_not_starve_livez() {
     assert_eq!(code, 200);
     assert!(took < PROBE_TIMEOUT, "/livez took {took:?}");
 }
+
+/// A plain agent (no fd limit) with a state directory.
+fn agent_with_state(ip: IpAddr, app_port: u16, state: &std::path::Path) -> (Proc, SocketAddr) {
+    let api = SocketAddr::new(ip, free_port(ip));
+    let mut cmd = Command::new(wsdrain_bin());
+    cmd.arg("agent")
+        .args(["--listen", &api.to_string()])
+        .args(["--ports", &app_port.to_string()])
+        .args(["--address", &ip.to_string()])
+        .args(["--termination-log", "", "--log-format", "text"])
+        .args(["--drain-timeout", "20s", "--settle-min", "200ms", "--settle-quiet", "100ms"])
+        .arg("--state-dir")
+        .arg(state)
+        .env("RUST_LOG", "info");
+    quiet(&mut cmd);
+    let p = Proc::spawn("agent", &mut cmd);
+    wait_listening(api, Duration::from_secs(10));
+    (p, api)
+}
+
+fn status(api: SocketAddr) -> Value {
+    serde_json::from_str(&http("GET", api, "/status", &[]).1).expect("status json")
+}
+
+/// Issue 12, item 8: an agent SIGKILLed mid-drain and started again resumes the drain:
+/// unready from its first answer on, with the deadline of the original trigger.
+#[test]
+fn a_restarted_agent_resumes_the_drain_with_its_original_deadline() {
+    let ip = pod_ip();
+    let app = TcpListener::bind((ip, 0)).expect("bind app");
+    let app_port = app.local_addr().expect("addr").port();
+    // Clients that never leave: the drain runs until its deadline.
+    let _clients: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect((ip, app_port)).expect("connect"))
+        .collect();
+    let _server_side: Vec<TcpStream> = (0..3).map(|_| app.accept().expect("accept").0).collect();
+    let state = tempfile::tempdir().expect("state dir");
+
+    let (mut first, api) = agent_with_state(ip, app_port, state.path());
+    assert_eq!(http("POST", api, "/drain", &[]).0, 202);
+    let end = Instant::now() + Duration::from_secs(10);
+    while !(state.path().join("drain.json").exists()
+        && status(api)["status"]["elapsed_ms"].as_u64() >= Some(1_500))
+    {
+        assert!(Instant::now() < end, "no drain marker written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    common::signal(first.pid(), nix::sys::signal::Signal::SIGKILL);
+    first.wait_timeout(Duration::from_secs(5)).expect("agent killed");
+
+    let (_second, api) = agent_with_state(ip, app_port, state.path());
+    let (code, body) = http("GET", api, "/readyz", &[]);
+    assert_eq!(code, 503, "a restarted agent must not serve again: {body}");
+    let st = status(api)["status"].clone();
+    assert_ne!(st["state"], "Serving", "{st}");
+    assert_eq!(st["trigger"], "api", "{st}");
+    let left = st["deadline_in_ms"].as_u64().expect("deadline");
+    assert!(left <= 18_500, "a fresh budget was granted: {left} ms left of 20 s");
+}

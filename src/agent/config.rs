@@ -140,6 +140,11 @@ pub struct AgentArgs {
     #[arg(long, env = "WSDRAIN_READINESS_GATE")]
     pub readiness_gate: bool,
 
+    /// Directory for the drain marker (an emptyDir): a restarted agent resumes the drain
+    /// it finds there, with its original deadline ("" disables).
+    #[arg(long, env = "WSDRAIN_STATE_DIR", value_parser = parse_path)]
+    pub state_dir: Option<PathBuf>,
+
     /// Where the drain summary is written on exit ("" disables).
     #[arg(
         long,
@@ -177,6 +182,7 @@ pub struct AgentConfig {
     pub kube: Option<PodRef>,
     pub readiness_gate: bool,
     pub termination_log: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
 }
 
 const MAX_TOKEN_LEN: usize = 256;
@@ -302,6 +308,7 @@ impl AgentArgs {
             kube,
             readiness_gate: self.readiness_gate,
             termination_log,
+            state_dir: self.state_dir.filter(|p| !p.as_os_str().is_empty()),
         })
     }
 }
