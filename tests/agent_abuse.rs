@@ -225,3 +225,80 @@ fn a_restarted_agent_resumes_the_drain_with_its_original_deadline() {
     let left = st["deadline_in_ms"].as_u64().expect("deadline");
     assert!(left <= 18_500, "a fresh budget was granted: {left} ms left of 20 s");
 }
+
+/// Runs `wsdrain agent ARGS` that must fail at start; returns (exit code, stderr).
+fn failing_agent(args: &[&str]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(wsdrain_bin());
+    cmd.arg("agent")
+        .args(args)
+        .env("WSDRAIN_TERMINATION_LOG", "")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut agent = Proc::spawn("agent", &mut cmd);
+    let status = agent
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("{args:?}: the agent started instead of failing"));
+    let mut stderr = String::new();
+    agent
+        .child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    (status.code(), stderr)
+}
+
+/// Issue 12, item 10: every bad flag names itself, once, and exits 2 (usage), whether
+/// clap or the agent's own checks found it.
+#[test]
+fn bad_flags_exit_2_and_name_the_flag_once() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--ports", "8080", "--drain-timeout", "-5s"], "--drain-timeout"),
+        (&["--ports", "8080", "--close-code", "1000"], "--close-code"),
+        (&["--ports", "0"], "--ports"),
+        (&["--ports", "8080", "--admin-url", "http://"], "--admin-url"),
+        (&["--ports", "8080", "--settle-min", "20s"], "--settle-min"),
+        (&["--ports", "nope"], "--ports"),
+    ];
+    for (args, flag) in cases {
+        let (code, stderr) = failing_agent(args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+        assert!(!stderr.contains("unexpected argument"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("\x1b["), "colour codes on a pipe: {stderr:?}");
+    }
+    let (_, stderr) = failing_agent(&["--ports", "8080", "--admin-url", "http://"]);
+    assert!(!stderr.contains("must start with http://"), "{stderr}");
+}
+
+/// Issue 12, item 10: warnings for an empty token and a remote admin URL, and plain
+/// text (no ANSI colours) when stderr is not a terminal.
+#[test]
+fn risky_settings_warn_and_logs_on_a_pipe_have_no_colours() {
+    let ip = pod_ip();
+    let api = SocketAddr::new(ip, free_port(ip));
+    let mut cmd = Command::new(wsdrain_bin());
+    cmd.arg("agent")
+        .args(["--listen", &api.to_string(), "--ports", "8080"])
+        .args(["--token", "", "--admin-url", "http://10.9.8.7:8081"])
+        .args(["--termination-log", "", "--log-format", "text", "--no-kube"])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut agent = Proc::spawn("agent", &mut cmd);
+    wait_listening(api, Duration::from_secs(10));
+    common::signal(agent.pid(), nix::sys::signal::Signal::SIGINT);
+    agent.wait_timeout(Duration::from_secs(10)).expect("agent exits");
+    let mut stderr = String::new();
+    agent
+        .child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    assert!(stderr.contains("--token is empty"), "{stderr}");
+    assert!(stderr.contains("not a loopback address"), "{stderr}");
+    assert!(!stderr.contains("\x1b["), "colour codes on a pipe: {stderr:?}");
+}

@@ -88,6 +88,9 @@ impl Agent {
             token = cfg.token.is_some(),
             "agent serving"
         );
+        for warning in &cfg.warnings {
+            tracing::warn!("{warning}");
+        }
         if cfg.drain_timeout + cfg.app_reserve > cfg.grace_period {
             tracing::warn!(
                 drain_timeout = %format_duration(cfg.drain_timeout),
