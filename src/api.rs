@@ -85,7 +85,14 @@ pub const MAX_CONNECTIONS: usize = 64;
 
 /// Serves the API on `listener` until the process ends.
 pub async fn serve(listener: TcpListener, drainer: Drainer, metrics: Arc<Metrics>, guard: Guard) {
-    serve_with(listener, drainer, metrics, guard, Slots::new(MAX_CONNECTIONS)).await
+    serve_with(
+        listener,
+        drainer,
+        metrics,
+        guard,
+        Slots::new(MAX_CONNECTIONS),
+    )
+    .await
 }
 
 /// `serve` with an explicit connection table (tests read its counters).

@@ -27,7 +27,12 @@ fn quiet(cmd: &mut Command) {
 }
 
 /// An agent with at most `nofile` file descriptors (like `ulimit -n`), no settling.
-fn agent_with_fd_limit(ip: IpAddr, app_port: u16, nofile: u32, extra: &[&str]) -> (Proc, SocketAddr) {
+fn agent_with_fd_limit(
+    ip: IpAddr,
+    app_port: u16,
+    nofile: u32,
+    extra: &[&str],
+) -> (Proc, SocketAddr) {
     let api = SocketAddr::new(ip, free_port(ip));
     let mut cmd = Command::new("prlimit");
     cmd.arg(format!("--nofile={nofile}:{nofile}"))
@@ -38,7 +43,14 @@ fn agent_with_fd_limit(ip: IpAddr, app_port: u16, nofile: u32, extra: &[&str]) -
         .args(["--ports", &app_port.to_string()])
         .args(["--address", &ip.to_string()])
         .args(["--termination-log", "", "--log-format", "text"])
-        .args(["--settle-min", "0ms", "--settle-quiet", "0ms", "--poll", "50ms"])
+        .args([
+            "--settle-min",
+            "0ms",
+            "--settle-quiet",
+            "0ms",
+            "--poll",
+            "50ms",
+        ])
         .args(extra)
         .env("RUST_LOG", "info");
     quiet(&mut cmd);
@@ -133,7 +145,10 @@ fn idle_api_flood_under_a_low_fd_limit_keeps_probes_and_hooks_answered() {
     // The hook: no app connections, so the drain ends at once and the hook is answered.
     let (code, took, body) = timed("GET", api, "/prestop");
     assert_eq!(code, 200, "{body}");
-    assert!(took < PROBE_TIMEOUT, "/prestop took {took:?} under the flood");
+    assert!(
+        took < PROBE_TIMEOUT,
+        "/prestop took {took:?} under the flood"
+    );
     let summary: Value = serde_json::from_str(&body).expect("summary json");
     assert_eq!(summary["outcome"], "Drained");
 
@@ -142,7 +157,10 @@ fn idle_api_flood_under_a_low_fd_limit_keeps_probes_and_hooks_answered() {
     while open_fds(pid) > idle_fds + 2 && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(open_fds(pid) <= idle_fds + 2, "fds not returned after the flood");
+    assert!(
+        open_fds(pid) <= idle_fds + 2,
+        "fds not returned after the flood"
+    );
     // A bound that cannot flake: before the cap, 2000 connections kept ~23 MiB.
     let after = rss_kib(pid);
     assert!(
@@ -176,7 +194,14 @@ fn agent_with_state(ip: IpAddr, app_port: u16, state: &std::path::Path) -> (Proc
         .args(["--ports", &app_port.to_string()])
         .args(["--address", &ip.to_string()])
         .args(["--termination-log", "", "--log-format", "text"])
-        .args(["--drain-timeout", "20s", "--settle-min", "200ms", "--settle-quiet", "100ms"])
+        .args([
+            "--drain-timeout",
+            "20s",
+            "--settle-min",
+            "200ms",
+            "--settle-quiet",
+            "100ms",
+        ])
         .arg("--state-dir")
         .arg(state)
         .env("RUST_LOG", "info");
@@ -214,7 +239,9 @@ fn a_restarted_agent_resumes_the_drain_with_its_original_deadline() {
         std::thread::sleep(Duration::from_millis(20));
     }
     common::signal(first.pid(), nix::sys::signal::Signal::SIGKILL);
-    first.wait_timeout(Duration::from_secs(5)).expect("agent killed");
+    first
+        .wait_timeout(Duration::from_secs(5))
+        .expect("agent killed");
 
     let (_second, api) = agent_with_state(ip, app_port, state.path());
     let (code, body) = http("GET", api, "/readyz", &[]);
@@ -223,7 +250,10 @@ fn a_restarted_agent_resumes_the_drain_with_its_original_deadline() {
     assert_ne!(st["state"], "Serving", "{st}");
     assert_eq!(st["trigger"], "api", "{st}");
     let left = st["deadline_in_ms"].as_u64().expect("deadline");
-    assert!(left <= 18_500, "a fresh budget was granted: {left} ms left of 20 s");
+    assert!(
+        left <= 18_500,
+        "a fresh budget was granted: {left} ms left of 20 s"
+    );
 }
 
 /// Runs `wsdrain agent ARGS` that must fail at start; returns (exit code, stderr).
@@ -254,10 +284,16 @@ fn failing_agent(args: &[&str]) -> (Option<i32>, String) {
 #[test]
 fn bad_flags_exit_2_and_name_the_flag_once() {
     let cases: &[(&[&str], &str)] = &[
-        (&["--ports", "8080", "--drain-timeout", "-5s"], "--drain-timeout"),
+        (
+            &["--ports", "8080", "--drain-timeout", "-5s"],
+            "--drain-timeout",
+        ),
         (&["--ports", "8080", "--close-code", "1000"], "--close-code"),
         (&["--ports", "0"], "--ports"),
-        (&["--ports", "8080", "--admin-url", "http://"], "--admin-url"),
+        (
+            &["--ports", "8080", "--admin-url", "http://"],
+            "--admin-url",
+        ),
         (&["--ports", "8080", "--settle-min", "20s"], "--settle-min"),
         (&["--ports", "nope"], "--ports"),
     ];
@@ -265,8 +301,14 @@ fn bad_flags_exit_2_and_name_the_flag_once() {
         let (code, stderr) = failing_agent(args);
         assert_eq!(code, Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(flag), "{args:?}: {stderr}");
-        assert!(!stderr.contains("unexpected argument"), "{args:?}: {stderr}");
-        assert!(!stderr.contains("\x1b["), "colour codes on a pipe: {stderr:?}");
+        assert!(
+            !stderr.contains("unexpected argument"),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("\x1b["),
+            "colour codes on a pipe: {stderr:?}"
+        );
     }
     let (_, stderr) = failing_agent(&["--ports", "8080", "--admin-url", "http://"]);
     assert!(!stderr.contains("must start with http://"), "{stderr}");
@@ -289,7 +331,9 @@ fn risky_settings_warn_and_logs_on_a_pipe_have_no_colours() {
     let mut agent = Proc::spawn("agent", &mut cmd);
     wait_listening(api, Duration::from_secs(10));
     common::signal(agent.pid(), nix::sys::signal::Signal::SIGINT);
-    agent.wait_timeout(Duration::from_secs(10)).expect("agent exits");
+    agent
+        .wait_timeout(Duration::from_secs(10))
+        .expect("agent exits");
     let mut stderr = String::new();
     agent
         .child
@@ -300,5 +344,61 @@ fn risky_settings_warn_and_logs_on_a_pipe_have_no_colours() {
         .expect("read stderr");
     assert!(stderr.contains("--token is empty"), "{stderr}");
     assert!(stderr.contains("not a loopback address"), "{stderr}");
-    assert!(!stderr.contains("\x1b["), "colour codes on a pipe: {stderr:?}");
+    assert!(
+        !stderr.contains("\x1b["),
+        "colour codes on a pipe: {stderr:?}"
+    );
+}
+
+/// Issue 12, item 12: a short soak (3 rolling restarts, 100 clients): every close is
+/// clean, nothing is lost, the agents' memory does not grow and no fd leaks.
+#[test]
+fn a_short_soak_stays_clean_and_leaks_nothing() {
+    let run_id = format!(
+        "wsdrain-lab-soak{}-{:04x}",
+        std::process::id() % 10_000,
+        rand::random::<u16>()
+    );
+    let mut cmd = Command::new(wsdrain_bin());
+    cmd.args([
+        "lab",
+        "soak",
+        "--rounds",
+        "3",
+        "--clients",
+        "100",
+        "--json",
+        "--quiet",
+    ])
+    .args(["--run-id", &run_id])
+    .current_dir(common::repo_path(""))
+    .stdout(std::process::Stdio::piped());
+    quiet(&mut cmd);
+    let mut lab = Proc::spawn("lab", &mut cmd);
+    let Some(status) = lab.wait_timeout(Duration::from_secs(240)) else {
+        // Let the lab stop everything it started before the Drop's SIGKILL.
+        common::signal(lab.pid(), nix::sys::signal::Signal::SIGINT);
+        let _ = lab.wait_timeout(Duration::from_secs(10));
+        panic!("the soak did not finish within 240 s");
+    };
+    let mut out = String::new();
+    lab.child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("read stdout");
+    assert!(status.success(), "lab soak failed: {out}");
+    let v: Value = serde_json::from_str(out.trim()).expect("soak json");
+    assert_eq!(v["rounds"], 3, "{v}");
+    assert_eq!(v["scenario"], "soak");
+    assert_eq!(v["abnormal_closes"], 0, "{v}");
+    assert_eq!(v["messages_lost"], 0, "{v}");
+    assert_eq!(v["samples"].as_array().map(Vec::len), Some(4), "{v}");
+    // Every pod was replaced three times, each drained in kubelet order.
+    assert_eq!(v["pods"].as_array().map(Vec::len), Some(9), "{v}");
+    let ratio = v["agent_rss_growth_ratio"].as_f64().expect("ratio");
+    assert!(ratio <= 1.25, "agent RSS grew {ratio}x over 3 rounds");
+    let leak = v["fd_leak"].as_i64().expect("fd_leak");
+    assert!(leak <= 2, "fds after vs before: {leak}");
 }

@@ -383,7 +383,11 @@ mod tests {
                 .unwrap_err()
                 .contains("not a port")
         );
-        assert!(parse(&["--ports", "0"]).unwrap_err().contains("0 is not allowed"));
+        assert!(
+            parse(&["--ports", "0"])
+                .unwrap_err()
+                .contains("0 is not allowed")
+        );
         assert!(parse(&[]).is_err());
     }
 

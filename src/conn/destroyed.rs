@@ -8,9 +8,9 @@
 //! a burst bigger than the receive buffer) the watcher reports a change anyway, so the
 //! counter resyncs by counting again.
 
+use bytes::BytesMut;
 use netlink_packet_core::{NLMSG_ERROR, NLMSG_OVERRUN, NetlinkBuffer, Parseable};
 use netlink_packet_sock_diag::{SOCK_DIAG_BY_FAMILY, inet::InetResponseHeader};
-use bytes::BytesMut;
 use netlink_sys::{AsyncSocket, AsyncSocketExt, TokioSocket, protocols::NETLINK_SOCK_DIAG};
 use tokio::sync::watch;
 

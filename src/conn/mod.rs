@@ -230,7 +230,10 @@ mod tests {
             address: Some(ip),
         };
         let counter = SocketCounter::event_driven(Counter::new(filter));
-        assert!(counter.is_event_driven(), "sock_diag destroy groups must be joinable unprivileged");
+        assert!(
+            counter.is_event_driven(),
+            "sock_diag destroy groups must be joinable unprivileged"
+        );
         assert_eq!(counter.snapshot().await.unwrap().ids.len(), 1);
 
         // Another port's socket going away is not a change of our count.

@@ -289,7 +289,11 @@ impl Timeline {
                 let left = self.seen.iter().filter(|id| !current.contains(id)).count() as u64;
                 if can_close && left > 0 {
                     let failing = run.closing.as_ref().is_some_and(|c| c.failures_in_row > 0);
-                    let explained = if failing { 0 } else { left.min(run.close_credit) };
+                    let explained = if failing {
+                        0
+                    } else {
+                        left.min(run.close_credit)
+                    };
                     run.close_credit -= explained;
                     run.vanished = run.vanished.saturating_add(left - explained);
                 }
