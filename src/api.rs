@@ -76,7 +76,7 @@ type Resp = Response<Full<Bytes>>;
 /// metrics scraper and fleet peers one each; past the cap the oldest idle connection
 /// makes room (see `net::Slots`), so a flood of idle connections costs bounded memory
 /// and file descriptors and never starves `/livez` or a hook.
-pub const MAX_CONNECTIONS: usize = 64;
+pub const MAX_CONNECTIONS: usize = 32;
 
 /// Serves the API on `listener` until the process ends.
 pub async fn serve(listener: TcpListener, drainer: Drainer, metrics: Arc<Metrics>, guard: Guard) {

@@ -13,7 +13,7 @@ use common::{Proc, free_port, http, pod_ip, wait_listening, wsdrain_bin};
 use serde_json::Value;
 
 /// The agent's cap on API connections (`api::MAX_CONNECTIONS`).
-const CAP: usize = 64;
+const CAP: usize = 32;
 /// Idle connections in a flood.
 const FLOOD: usize = 2000;
 /// What the kubelet allows a probe by default (`timeoutSeconds: 1`); the injected
