@@ -105,7 +105,7 @@ pub async fn serve_with(
     });
     let mut shed_logged = false;
     loop {
-        let (stream, peer) = crate::net::accept(&listener).await;
+        let (stream, peer) = crate::net::accept_or_evict(&listener, &slots).await;
         let Some(slot) = slots.admit() else {
             if !shed_logged {
                 tracing::warn!(%peer, max = MAX_CONNECTIONS, "every API connection has a request in flight; shedding new connections");

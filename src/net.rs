@@ -67,6 +67,43 @@ pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
     }
 }
 
+/// Like `accept`, for a server with a connection table: when the process is out of file
+/// descriptors (EMFILE/ENFILE), the oldest idle connection is closed so that the next
+/// accept can succeed, instead of waiting for an idle connection to time out while
+/// probes queue behind it. Other errors back off as in `accept`.
+pub async fn accept_or_evict(listener: &TcpListener, slots: &Slots) -> (TcpStream, SocketAddr) {
+    let mut pause = MIN_ACCEPT_PAUSE;
+    let mut failures = 0u64;
+    loop {
+        match listener.accept().await {
+            Ok(conn) => {
+                if failures > 0 {
+                    tracing::info!(failures, "accept works again");
+                }
+                return conn;
+            }
+            Err(e) => {
+                if failures == 0 {
+                    tracing::warn!(error = %e, "accept failed; backing off until it works again");
+                }
+                failures += 1;
+                let out_of_fds = matches!(
+                    e.raw_os_error(),
+                    Some(code) if code == nix::errno::Errno::EMFILE as i32
+                        || code == nix::errno::Errno::ENFILE as i32
+                );
+                if out_of_fds && slots.evict_oldest_idle() {
+                    // The evicted connection's task closes its socket when it next runs.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_ACCEPT_PAUSE);
+            }
+        }
+    }
+}
+
 /// A capped table of a server's open connections. At the cap, a new connection takes
 /// the place of the oldest *idle* one (no request being handled: waiting for its first
 /// request or between keep-alive requests), which is closed. Connections with a request
@@ -120,26 +157,34 @@ impl Slots {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Closes the oldest connection without a request in flight; false if there is none.
+    pub fn evict_oldest_idle(&self) -> bool {
+        Self::evict(&mut self.table(), &self.evicted)
+    }
+
+    fn evict(t: &mut Table, evicted: &AtomicU64) -> bool {
+        let oldest_idle = t
+            .live
+            .iter()
+            .find(|(_, e)| e.in_flight == 0)
+            .map(|(id, _)| *id);
+        match oldest_idle.and_then(|id| t.live.remove(&id)) {
+            Some(victim) => {
+                victim.close.cancel();
+                evicted.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// A slot for a new connection, closing the oldest idle one at the cap; `None` when
     /// every slot has a request in flight (shed the new connection).
     pub fn admit(self: &Arc<Self>) -> Option<Slot> {
         let mut t = self.table();
-        if t.live.len() >= self.cap {
-            let oldest_idle = t
-                .live
-                .iter()
-                .find(|(_, e)| e.in_flight == 0)
-                .map(|(id, _)| *id);
-            match oldest_idle.and_then(|id| t.live.remove(&id)) {
-                Some(victim) => {
-                    victim.close.cancel();
-                    self.evicted.fetch_add(1, Ordering::Relaxed);
-                }
-                None => {
-                    self.shed.fetch_add(1, Ordering::Relaxed);
-                    return None;
-                }
-            }
+        if t.live.len() >= self.cap && !Self::evict(&mut t, &self.evicted) {
+            self.shed.fetch_add(1, Ordering::Relaxed);
+            return None;
         }
         let id = t.next_id;
         t.next_id += 1;

@@ -402,3 +402,44 @@ fn a_short_soak_stays_clean_and_leaks_nothing() {
     let leak = v["fd_leak"].as_i64().expect("fd_leak");
     assert!(leak <= 2, "fds after vs before: {leak}");
 }
+
+/// CPU time (user + system) of a process, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after ") ".
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
+/// Issue 12, item 3: with fewer descriptors than the connection cap, accept fails with
+/// EMFILE. The agent neither spins on it nor lets idle connections lock out the probe:
+/// it closes the oldest idle connection and accepts the probe.
+#[test]
+fn out_of_file_descriptors_the_agent_neither_spins_nor_locks_out_probes() {
+    let ip = pod_ip();
+    let app = TcpListener::bind((ip, 0)).expect("bind app");
+    let (agent, api) = agent_with_fd_limit(ip, app.local_addr().expect("addr").port(), 36, &[]);
+    let pid = agent.pid();
+    let conns = flood(api, 300);
+    let before = cpu_ticks(pid);
+    let t = Instant::now();
+    for _ in 0..5 {
+        let (code, took, _) = timed("GET", api, "/livez");
+        assert_eq!(code, 200);
+        assert!(took < PROBE_TIMEOUT, "/livez took {took:?} out of fds");
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let cpu = (cpu_ticks(pid) - before) as f64 / ticks_per_s;
+    let wall = t.elapsed().as_secs_f64();
+    assert!(
+        cpu < 0.5 * wall,
+        "agent used {cpu:.2} s of CPU in {wall:.2} s: spinning"
+    );
+    drop(conns);
+}
