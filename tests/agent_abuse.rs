@@ -443,3 +443,99 @@ fn out_of_file_descriptors_the_agent_neither_spins_nor_locks_out_probes() {
     );
     drop(conns);
 }
+
+/// Issue 12, item 9: the app is SIGKILLed in the middle of the close window. Its
+/// clients get no close frame; the count still reaches zero, but the hook's summary,
+/// the status and the metrics say how many connections vanished.
+#[test]
+fn an_app_killed_mid_drain_reports_vanished_connections() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    const CLIENTS: usize = 200;
+    let ip = pod_ip();
+    let echo = common::EchoApp::start(ip, &[]);
+    let app = echo.public;
+    let admin = format!("http://{}", echo.admin);
+    let api = SocketAddr::new(ip, free_port(ip));
+    let mut cmd = Command::new(wsdrain_bin());
+    cmd.arg("agent")
+        .args(["--listen", &api.to_string(), "--admin-url", &admin])
+        .args([
+            "--ports",
+            &app.port().to_string(),
+            "--address",
+            &ip.to_string(),
+        ])
+        .args(["--termination-log", "", "--log-format", "text"])
+        .args([
+            "--settle-min",
+            "200ms",
+            "--settle-quiet",
+            "100ms",
+            "--poll",
+            "50ms",
+        ])
+        .args(["--close-window", "6s", "--drain-timeout", "20s"])
+        .env("RUST_LOG", "info");
+    quiet(&mut cmd);
+    let _agent = Proc::spawn("agent", &mut cmd);
+    wait_listening(api, Duration::from_secs(10));
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let clients: Vec<_> = rt.block_on(async {
+        let mut out = Vec::with_capacity(CLIENTS);
+        for _ in 0..CLIENTS {
+            let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{app}/"))
+                .await
+                .expect("connect");
+            ws.send(Message::text("hi")).await.expect("send");
+            ws.next().await.expect("echo").expect("echo");
+            out.push(ws);
+        }
+        out
+    });
+    // Keep reading so clients answer close frames like real ones.
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| rt.spawn(async move { while let Some(Ok(_)) = ws.next().await {} }))
+        .collect();
+
+    let hook = std::thread::spawn(move || http("GET", api, "/prestop", &[]));
+    let end = Instant::now() + Duration::from_secs(10);
+    while status(api)["status"]["sessions_closed"]
+        .as_u64()
+        .unwrap_or(0)
+        < 20
+    {
+        assert!(Instant::now() < end, "no sessions closed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut echo = echo;
+    common::signal(echo.proc.pid(), nix::sys::signal::Signal::SIGKILL);
+    echo.proc
+        .wait_timeout(Duration::from_secs(5))
+        .expect("app killed");
+
+    let (code, body) = hook.join().expect("hook thread");
+    assert_eq!(code, 200, "{body}");
+    let s: Value = serde_json::from_str(&body).expect("summary");
+    let closed = s["sessions_closed"].as_u64().expect("closed");
+    let vanished = s["vanished"].as_u64().expect("vanished field");
+    assert!(closed < CLIENTS as u64, "{s}");
+    assert!(
+        vanished >= CLIENTS as u64 - closed - 5 && vanished > 0,
+        "{vanished} vanished, {closed} closed of {CLIENTS}: {s}"
+    );
+    let metrics = http("GET", api, "/metrics", &[]).1;
+    assert!(
+        metrics.contains(&format!("wsdrain_connections_vanished_total {vanished}")),
+        "{metrics}"
+    );
+    for r in readers {
+        r.abort();
+    }
+}
