@@ -152,7 +152,8 @@ fn spawn_marker_writer(drainer: &Drainer, dir: std::path::PathBuf) {
         while let Ok(notice) = notices.recv().await {
             if let Notice::Started { trigger, .. } = notice {
                 let elapsed = Duration::from_millis(d.status().elapsed_ms);
-                let started = std::time::SystemTime::now() - elapsed;
+                let now = std::time::SystemTime::now();
+                let started = now.checked_sub(elapsed).unwrap_or(now);
                 if let Err(e) = marker::write(&dir, &marker::Marker::new(trigger, started)) {
                     tracing::warn!(error = %e, "drain marker not written: a restarted agent would not resume this drain");
                 }
