@@ -45,33 +45,18 @@ const MAX_ACCEPT_PAUSE: Duration = Duration::from_secs(1);
 /// exponentially up to 1 s instead of spinning, and are logged once per episode; the
 /// server lives on.
 pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
-    let mut pause = MIN_ACCEPT_PAUSE;
-    let mut failures = 0u64;
-    loop {
-        match listener.accept().await {
-            Ok(conn) => {
-                if failures > 0 {
-                    tracing::info!(failures, "accept works again");
-                }
-                return conn;
-            }
-            Err(e) => {
-                if failures == 0 {
-                    tracing::warn!(error = %e, "accept failed; backing off until it works again");
-                }
-                failures += 1;
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(MAX_ACCEPT_PAUSE);
-            }
-        }
-    }
+    accept_with(listener, None).await
 }
 
 /// Like `accept`, for a server with a connection table: when the process is out of file
 /// descriptors (EMFILE/ENFILE), the oldest idle connection is closed so that the next
 /// accept can succeed, instead of waiting for an idle connection to time out while
-/// probes queue behind it. Other errors back off as in `accept`.
+/// probes queue behind it.
 pub async fn accept_or_evict(listener: &TcpListener, slots: &Slots) -> (TcpStream, SocketAddr) {
+    accept_with(listener, Some(slots)).await
+}
+
+async fn accept_with(listener: &TcpListener, slots: Option<&Slots>) -> (TcpStream, SocketAddr) {
     let mut pause = MIN_ACCEPT_PAUSE;
     let mut failures = 0u64;
     loop {
@@ -92,7 +77,7 @@ pub async fn accept_or_evict(listener: &TcpListener, slots: &Slots) -> (TcpStrea
                     Some(code) if code == nix::errno::Errno::EMFILE as i32
                         || code == nix::errno::Errno::ENFILE as i32
                 );
-                if out_of_fds && slots.evict_oldest_idle() {
+                if out_of_fds && slots.is_some_and(Slots::evict_oldest_idle) {
                     // The evicted connection's task closes its socket when it next runs.
                     tokio::time::sleep(Duration::from_millis(1)).await;
                     continue;
