@@ -112,8 +112,10 @@ pub fn report(rounds: usize, summary: Summary) -> SoakReport {
 }
 
 pub async fn run(args: &LabArgs) -> anyhow::Result<ExitCode> {
-    if args.rounds == 0 || args.rounds > 100 {
-        anyhow::bail!("--rounds {}: use 1 to 100", args.rounds);
+    // Every round starts PODS new pods, each in an ingress slot of its own.
+    let max_rounds = super::ingress::SLOTS / PODS - 1;
+    if args.rounds == 0 || args.rounds > max_rounds {
+        anyhow::bail!("--rounds {}: use 1 to {max_rounds}", args.rounds);
     }
     let clients = args.clients.unwrap_or(DEFAULT_CLIENTS);
     let scenario = scenario(args.rounds, clients);
