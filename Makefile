@@ -56,4 +56,4 @@ clean:
 
 # 20 rolling restarts with 2000 clients: abnormal closes, lost messages, agent RSS growth, fd leak.
 soak: deps
-	$(CARGO) run --release -- lab soak --rounds 20 --clients 2000 --json --quiet
+	$(CARGO) run --release -- lab soak --rounds 20 --clients 2000 --grace 30s --json --quiet
