@@ -53,3 +53,7 @@ image-binary:
 clean:
 	$(CARGO) clean
 	rm -rf .venv .venv-lint tests/node/node_modules
+
+# 20 rolling restarts with 2000 clients: abnormal closes, lost messages, agent RSS growth, fd leak.
+soak: deps
+	$(CARGO) run --release -- lab soak --rounds 20 --clients 2000 --grace 30s --json --quiet

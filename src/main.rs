@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use wsdrain::agent::config::AgentArgs;
 use wsdrain::logging::LogFormat;
 
@@ -66,7 +66,10 @@ fn main() -> ExitCode {
         Command::CopySelf { dest } => wsdrain::inject::copy_self::copy_self(&dest)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| anyhow::anyhow!("copy-self {}: {e}", dest.display())),
-        Command::Agent(args) => block_on(async { wsdrain::agent::run(args.validate()?).await }),
+        Command::Agent(args) => match args.validate() {
+            Ok(cfg) => block_on(wsdrain::agent::run(cfg)),
+            Err(e) => usage_error(e),
+        },
         Command::Webhook(args) => block_on(wsdrain::webhook::run(args)),
         Command::Prestop(args) => block_on(wsdrain::prestop::run(args)),
         Command::Echo(args) => block_on(wsdrain::echo::run(args)),
@@ -79,6 +82,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A bad flag value found after parsing: reported like clap's own errors, with the
+/// same exit code (2), so every bad flag ends the same way. Failures at run time exit 1.
+fn usage_error(e: impl std::fmt::Display) -> ! {
+    Cli::command()
+        .error(clap::error::ErrorKind::ValueValidation, e)
+        .exit()
 }
 
 fn block_on(

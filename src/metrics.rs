@@ -41,6 +41,7 @@ pub struct Metrics {
     pub admin_requests: Family<ResultLabel, Counter>,
     pub count_errors: Counter,
     pub kube_failures: Gauge,
+    pub vanished: Counter,
 }
 
 impl Default for Metrics {
@@ -62,6 +63,7 @@ impl Metrics {
             admin_requests: Family::default(),
             count_errors: Counter::default(),
             kube_failures: Gauge::default(),
+            vanished: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -115,6 +117,11 @@ impl Metrics {
             "kube_api_failures",
             "Failed Kubernetes API calls",
             m.kube_failures.clone(),
+        );
+        registry.register(
+            "connections_vanished",
+            "Connections that went away during a drain without a close requested for them (app died, resets)",
+            m.vanished.clone(),
         );
         let m = Metrics { registry, ..m };
         m.set_phase(Phase::Serving);
@@ -172,6 +179,7 @@ impl Observer for Metrics {
             .set(summary.duration_ms as f64 / 1000.0);
         self.forced_remaining
             .set(summary.remaining.min(i64::MAX as u64) as i64);
+        self.vanished.inc_by(summary.vanished);
     }
 }
 
@@ -195,6 +203,7 @@ mod tests {
             "wsdrain_drain_phase{phase=\"serving\"} 1",
             "wsdrain_drain_phase{phase=\"closing\"} 0",
             "wsdrain_build_info{version=",
+            "wsdrain_connections_vanished_total 0",
         ] {
             assert!(text.contains(name), "{name} missing in:\n{text}");
         }

@@ -57,39 +57,39 @@ pub struct AgentArgs {
     pub admin_url: Option<String>,
 
     /// Per-call timeout for admin API requests.
-    #[arg(long, env = "WSDRAIN_ADMIN_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_ADMIN_TIMEOUT", default_value = "1s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub admin_timeout: Duration,
 
     /// The pod's terminationGracePeriodSeconds; sets the default drain timeout.
-    #[arg(long, env = "WSDRAIN_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub grace_period: Duration,
 
     /// Time left to the app between the end of the drain and SIGKILL.
-    #[arg(long, env = "WSDRAIN_APP_RESERVE", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_APP_RESERVE", default_value = "5s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub app_reserve: Duration,
 
     /// Bound of the whole drain [default: grace period - app reserve].
-    #[arg(long, env = "WSDRAIN_DRAIN_TIMEOUT", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_DRAIN_TIMEOUT", value_parser = parse_duration, allow_hyphen_values = true)]
     pub drain_timeout: Option<Duration>,
 
     /// Least time to wait for the ingress to stop sending new connections.
-    #[arg(long, env = "WSDRAIN_SETTLE_MIN", default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_SETTLE_MIN", default_value = "2s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub settle_min: Duration,
 
     /// Settling ends once no new connection arrived for this long.
-    #[arg(long, env = "WSDRAIN_SETTLE_QUIET", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_SETTLE_QUIET", default_value = "1s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub settle_quiet: Duration,
 
     /// Most time spent settling.
-    #[arg(long, env = "WSDRAIN_SETTLE_MAX", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_SETTLE_MAX", default_value = "15s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub settle_max: Duration,
 
     /// Interval between two close batches.
-    #[arg(long, env = "WSDRAIN_CLOSE_TICK", default_value = "100ms", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_CLOSE_TICK", default_value = "100ms", value_parser = parse_duration, allow_hyphen_values = true)]
     pub close_tick: Duration,
 
     /// Time over which closes are spread (shrunk to fit the deadline).
-    #[arg(long, env = "WSDRAIN_CLOSE_WINDOW", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_CLOSE_WINDOW", default_value = "10s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub close_window: Duration,
 
     /// WebSocket close code sent to clients: 1012, 1001 or 4000-4999.
@@ -97,7 +97,7 @@ pub struct AgentArgs {
     pub close_code: u16,
 
     /// Range of reconnect delays put into the hint, varied per batch (e.g. 0ms..2s).
-    #[arg(long, env = "WSDRAIN_RECONNECT_AFTER", default_value = "0ms..2s", value_parser = parse_range)]
+    #[arg(long, env = "WSDRAIN_RECONNECT_AFTER", default_value = "0ms..2s", value_parser = parse_range, allow_hyphen_values = true)]
     pub reconnect_after: DurationRange,
 
     /// Close reason template; {after_ms} is replaced by the reconnect delay. At most 123 bytes.
@@ -105,8 +105,12 @@ pub struct AgentArgs {
     pub hint_template: String,
 
     /// Interval between two connection counts.
-    #[arg(long, env = "WSDRAIN_POLL", default_value = "100ms", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_POLL", default_value = "100ms", value_parser = parse_duration, allow_hyphen_values = true)]
     pub poll: Duration,
+
+    /// Count only on the poll, without the kernel's socket destroy notifications.
+    #[arg(long, env = "WSDRAIN_POLL_ONLY")]
+    pub poll_only: bool,
 
     /// Token required in the X-Wsdrain-Token header of /prestop and /drain.
     #[arg(long, env = "WSDRAIN_TOKEN", hide_env_values = true)]
@@ -117,7 +121,7 @@ pub struct AgentArgs {
     pub trigger_from: Vec<IpAddr>,
 
     /// Time the agent stays up after a SIGTERM-ended drain so that hook answers get out.
-    #[arg(long, env = "WSDRAIN_LINGER", default_value = "250ms", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_LINGER", default_value = "250ms", value_parser = parse_duration, allow_hyphen_values = true)]
     pub linger: Duration,
 
     /// Do not talk to the Kubernetes API even when POD_NAME/POD_NAMESPACE are set.
@@ -135,6 +139,11 @@ pub struct AgentArgs {
     /// Patch the readiness-gate condition wsdrain.io/serving on the own pod.
     #[arg(long, env = "WSDRAIN_READINESS_GATE")]
     pub readiness_gate: bool,
+
+    /// Directory for the drain marker (an emptyDir): a restarted agent resumes the drain
+    /// it finds there, with its original deadline ("" disables).
+    #[arg(long, env = "WSDRAIN_STATE_DIR", value_parser = parse_path)]
+    pub state_dir: Option<PathBuf>,
 
     /// Where the drain summary is written on exit ("" disables).
     #[arg(
@@ -166,12 +175,16 @@ pub struct AgentConfig {
     pub reconnect_after: DurationRange,
     pub hint: HintTemplate,
     pub poll: Duration,
+    pub poll_only: bool,
     pub token: Option<String>,
     pub trigger_from: Vec<IpAddr>,
     pub linger: Duration,
     pub kube: Option<PodRef>,
     pub readiness_gate: bool,
     pub termination_log: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    /// Accepted but risky settings, logged loudly at start.
+    pub warnings: Vec<String>,
 }
 
 const MAX_TOKEN_LEN: usize = 256;
@@ -254,8 +267,21 @@ impl AgentArgs {
         // The longest value must still fit in a close frame.
         hint.render(self.reconnect_after.max.as_millis() as u64)?;
 
+        let mut warnings = Vec::new();
+        if let Some(url) = &admin_url
+            && !is_loopback_host(url)
+        {
+            warnings.push(format!(
+                "--admin-url {url} is not a loopback address: the admin API closes sessions and should listen on 127.0.0.1 or ::1 only"
+            ));
+        }
         let token = match self.token {
-            Some(t) if t.is_empty() => None,
+            Some(t) if t.is_empty() => {
+                warnings.push(
+                    "--token is empty: authentication is OFF, anyone who reaches the agent can call /prestop and /drain and take the pod out of rotation".to_owned(),
+                );
+                None
+            }
             Some(t) if t.len() > MAX_TOKEN_LEN || !t.bytes().all(|b| b.is_ascii_graphic()) => {
                 return Err(invalid(
                     "--token",
@@ -290,14 +316,27 @@ impl AgentArgs {
             reconnect_after: self.reconnect_after,
             hint,
             poll: self.poll,
+            poll_only: self.poll_only,
             token,
             trigger_from: self.trigger_from,
             linger: self.linger,
             kube,
             readiness_gate: self.readiness_gate,
             termination_log,
+            state_dir: self.state_dir.filter(|p| !p.as_os_str().is_empty()),
+            warnings,
         })
     }
+}
+
+/// `localhost`, 127.0.0.0/8, `::1` (and its IPv4-mapped form).
+fn is_loopback_host(url: &hyper::Uri) -> bool {
+    let host = url.host().unwrap_or("");
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 #[cfg(test)]
@@ -344,7 +383,11 @@ mod tests {
                 .unwrap_err()
                 .contains("not a port")
         );
-        assert!(parse(&["--ports", "0"]).unwrap_err().contains("port 0"));
+        assert!(
+            parse(&["--ports", "0"])
+                .unwrap_err()
+                .contains("0 is not allowed")
+        );
         assert!(parse(&[]).is_err());
     }
 
@@ -368,6 +411,47 @@ mod tests {
             let err = parse(args).unwrap_err();
             assert!(err.contains(field), "{args:?}: {err}");
         }
+    }
+
+    /// Issue 12 item 10: a negative duration reaches the parser, so the error names the
+    /// flag instead of "unexpected argument '-5'".
+    #[test]
+    fn negative_durations_name_the_flag() {
+        let err = parse(&["--ports", "1", "--drain-timeout", "-5s"]).unwrap_err();
+        assert!(err.contains("--drain-timeout"), "{err}");
+        assert!(err.contains("negative"), "{err}");
+        let err = parse(&["--ports", "1", "--reconnect-after", "-1s..2s"]).unwrap_err();
+        assert!(err.contains("--reconnect-after"), "{err}");
+    }
+
+    #[test]
+    fn empty_token_and_remote_admin_warn() {
+        let c = parse(&["--ports", "1", "--token", ""]).unwrap();
+        assert!(c.token.is_none());
+        assert!(
+            c.warnings.iter().any(|w| w.contains("--token is empty")),
+            "{:?}",
+            c.warnings
+        );
+        let c = parse(&["--ports", "1", "--admin-url", "http://10.0.0.5:8081"]).unwrap();
+        assert!(c.warnings.iter().any(|w| w.contains("not a loopback")));
+        for local in [
+            "http://127.0.0.1:8081",
+            "http://localhost:8081",
+            "http://[::1]:8081",
+        ] {
+            let c = parse(&["--ports", "1", "--admin-url", local, "--token", "t"]).unwrap();
+            assert!(c.warnings.is_empty(), "{local}: {:?}", c.warnings);
+        }
+    }
+
+    #[test]
+    fn messages_do_not_repeat_themselves() {
+        let err = parse(&["--ports", "1", "--admin-url", "http://"]).unwrap_err();
+        assert!(err.contains("no host"), "{err}");
+        assert!(!err.contains("must start with http://"), "{err}");
+        let err = parse(&["--ports", "0"]).unwrap_err();
+        assert!(!err.contains("port 0 is not a port"), "{err}");
     }
 
     #[test]

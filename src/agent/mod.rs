@@ -2,6 +2,7 @@
 //! Kubernetes, signals) to the drain core.
 
 pub mod config;
+pub mod marker;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -58,8 +59,13 @@ impl Agent {
         let closer = cfg.admin_url.clone().map(|url| {
             Arc::new(AdminClient::new(url, cfg.admin_timeout)) as Arc<dyn SessionCloser>
         });
+        let counter = if cfg.poll_only {
+            SocketCounter::new(counter)
+        } else {
+            SocketCounter::event_driven(counter)
+        };
         let parts = Parts {
-            counter: Arc::new(SocketCounter::new(counter)),
+            counter: Arc::new(counter),
             closer,
             close_code: cfg.close_code,
             hint: cfg.hint.clone(),
@@ -67,6 +73,10 @@ impl Agent {
         };
         let drainer = Drainer::new(cfg.drain_settings(), parts);
         spawn_termination_message(&drainer, &cfg);
+        if let Some(dir) = &cfg.state_dir {
+            spawn_marker_writer(&drainer, dir.clone());
+            resume_from_marker(&drainer, dir);
+        }
 
         tracing::info!(
             listen = %local_addr,
@@ -78,6 +88,9 @@ impl Agent {
             token = cfg.token.is_some(),
             "agent serving"
         );
+        for warning in &cfg.warnings {
+            tracing::warn!("{warning}");
+        }
         if cfg.drain_timeout + cfg.app_reserve > cfg.grace_period {
             tracing::warn!(
                 drain_timeout = %format_duration(cfg.drain_timeout),
@@ -129,6 +142,47 @@ fn spawn_termination_message(drainer: &Drainer, cfg: &AgentConfig) {
             }
         }
     });
+}
+
+/// Writes the drain marker when a drain starts, so a restart resumes it.
+fn spawn_marker_writer(drainer: &Drainer, dir: std::path::PathBuf) {
+    let mut notices = drainer.notices();
+    let d = drainer.clone();
+    tokio::spawn(async move {
+        while let Ok(notice) = notices.recv().await {
+            if let Notice::Started { trigger, .. } = notice {
+                let elapsed = Duration::from_millis(d.status().elapsed_ms);
+                let now = std::time::SystemTime::now();
+                let started = now.checked_sub(elapsed).unwrap_or(now);
+                if let Err(e) = marker::write(&dir, &marker::Marker::new(trigger, started)) {
+                    tracing::warn!(error = %e, "drain marker not written: a restarted agent would not resume this drain");
+                }
+            }
+        }
+    });
+}
+
+/// Resumes the drain a previous run of the agent started (its marker is in `dir`).
+fn resume_from_marker(drainer: &Drainer, dir: &std::path::Path) {
+    let now = tokio::time::Instant::now().into_std();
+    let wall = std::time::SystemTime::now();
+    match marker::read(dir) {
+        Ok(None) => {}
+        Ok(Some(m)) => {
+            let ago = wall.duration_since(m.started()).unwrap_or_default();
+            tracing::warn!(
+                trigger = ?m.trigger,
+                started_ms_ago = ago.as_millis() as u64,
+                "a drain was running before this agent started: resuming it with its original deadline"
+            );
+            drainer.resume(m.trigger, kube::kill_instant(m.started(), now, wall));
+        }
+        Err(e) => {
+            // Someone wrote it: a drain was running. Resume from now rather than serve.
+            tracing::warn!(error = %e, "unreadable drain marker: resuming the drain from now");
+            drainer.resume(Trigger::Signal, now);
+        }
+    }
 }
 
 /// The pod's side of the drain: readiness condition, Events, the deletion watch, and the

@@ -13,6 +13,7 @@ pub mod pyclient;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod soak;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -156,6 +157,9 @@ pub struct LabArgs {
     /// harness can sweep them; the `demo` runs get `<id>-r<N>`.
     #[arg(long, env = "WSDRAIN_LAB_RUN_ID", value_name = "ID")]
     pub run_id: Option<String>,
+    /// `soak`: rolling restarts to run, each replacing every pod one at a time.
+    #[arg(long, env = "WSDRAIN_LAB_ROUNDS", default_value_t = 20)]
+    pub rounds: usize,
     /// Internal: this process already runs in the node namespace of run id ID.
     #[arg(long, hide = true, value_name = "ID")]
     pub netns_inside: Option<String>,
@@ -284,6 +288,9 @@ pub fn check_run_id(id: &str) -> Result<(), LabError> {
 async fn run_inner(args: &LabArgs) -> anyhow::Result<ExitCode> {
     if args.scenario == "demo" {
         return demo(args).await;
+    }
+    if args.scenario == "soak" {
+        return soak::run(args).await;
     }
     let mut scenario = Scenario::load(&args.scenario)?;
     if let Some(n) = args.clients {

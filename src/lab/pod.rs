@@ -168,6 +168,11 @@ impl Pod {
         })
     }
 
+    /// Process ids of the app and the agent (if any), for the soak's samples.
+    pub fn pids(&self) -> (i32, Option<i32>) {
+        (self.app.pid(), self.agent.as_ref().map(Child::pid))
+    }
+
     pub fn endpoint(&self) -> Endpoint {
         Endpoint {
             addr: SocketAddr::new(self.ip, self.app_port),

@@ -78,6 +78,9 @@ pub struct Summary {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub netns: Option<String>,
     pub duration_ms: u64,
+    /// The soak's `sample` steps (memory and fds of the pods' processes).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub samples: Vec<super::soak::Sample>,
 }
 
 /// Nearest-rank percentile of unsorted values.

@@ -54,6 +54,7 @@ struct Run<'a> {
     /// When the last `arriving_clients` client starts.
     arrivals_end: Instant,
     reports: Vec<PodReport>,
+    samples: Vec<super::soak::Sample>,
 }
 
 /// 127.A.B.0/24 for this run: A and B random, so parallel runs do not meet.
@@ -101,6 +102,7 @@ pub async fn run(cfg: &RunConfig) -> Result<Summary, LabError> {
         deleted: BTreeMap::new(),
         arrivals_end: epoch,
         reports: Vec::new(),
+        samples: Vec::new(),
     };
     let result = run.steps().await;
     let records = run.finish().await;
@@ -121,6 +123,7 @@ pub async fn run(cfg: &RunConfig) -> Result<Summary, LabError> {
         run_id: cfg.run_id.clone(),
         netns: cfg.netns.as_deref().map(netns::ns_prefix),
         pods: std::mem::take(&mut run.reports),
+        samples: std::mem::take(&mut run.samples),
         ..Default::default()
     };
     summarize(&mut s, &records, &run.removed);
@@ -174,6 +177,14 @@ impl Run<'_> {
                 }
                 Step::Rolling => self.rolling().await?,
                 Step::WaitMs(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                Step::Sample => {
+                    self.load
+                        .wait_connected(self.rust_clients, Duration::from_secs(10))
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let pids: Vec<_> = self.pods.iter().map(Pod::pids).collect();
+                    self.samples.push(super::soak::Sample::take(&pids));
+                }
                 Step::TierChange => {
                     self.say("the stable tier changes (the gateway's own pool)");
                     self.ingress.change_tier().await?;

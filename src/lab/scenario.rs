@@ -23,6 +23,8 @@ pub enum Step {
     WaitMs(u64),
     /// Tiered ingress only: take one tier listener out of the gateway's pool.
     TierChange,
+    /// Once every client is back: record the pods' memory and open fds (the soak).
+    Sample,
 }
 
 /// A step as written: `rolling` or a one-key map such as `{scale_to: 6}`.
@@ -40,6 +42,7 @@ impl TryFrom<RawStep> for Step {
         let (key, value) = match raw {
             RawStep::Word(w) if w == "rolling" => return Ok(Step::Rolling),
             RawStep::Word(w) if w == "tier_change" => return Ok(Step::TierChange),
+            RawStep::Word(w) if w == "sample" => return Ok(Step::Sample),
             RawStep::Word(w) => return Err(format!("unknown step '{w}'")),
             // The one step with an option: `{arriving_clients: N, every_ms: M}`.
             RawStep::Map(m) if m.contains_key("arriving_clients") => {
