@@ -9,6 +9,7 @@ pub mod config;
 pub mod conn;
 pub mod drain;
 pub mod echo;
+pub mod fleet;
 pub mod http1;
 pub mod inject;
 pub mod kube;
