@@ -464,3 +464,83 @@ async fn draining_pods_share_the_fleet_close_budget() {
     })
     .await;
 }
+
+// ---- the worked autoscaling example ------------------------------------------------------
+
+fn example(name: &str) -> Vec<serde_yaml::Value> {
+    let path = common::repo_path(&format!("deploy/examples/autoscaling/{name}"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| <serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap())
+        .collect()
+}
+
+fn kind<'a>(docs: &'a [serde_yaml::Value], k: &str) -> &'a serde_yaml::Value {
+    docs.iter()
+        .find(|d| d["kind"].as_str() == Some(k))
+        .unwrap_or_else(|| panic!("no {k}"))
+}
+
+#[test]
+fn the_autoscaling_example_validates_and_fits_together() {
+    for f in ["app.yaml", "rbac.yaml", "hpa.yaml", "prometheus-adapter.yaml"] {
+        common::kubernetes_validate(&common::repo_path(&format!(
+            "deploy/examples/autoscaling/{f}"
+        )));
+    }
+    let app = example("app.yaml");
+    let pod = &kind(&app, "Deployment")["spec"]["template"];
+    let ann = &pod["metadata"]["annotations"];
+    assert_eq!(ann["wsdrain.io/rebalance"].as_str(), Some("true"));
+    assert_eq!(ann["wsdrain.io/service"].as_str(), Some("chat"));
+    assert!(ann["wsdrain.io/fleet-close-rate"].as_str().is_some());
+    assert_eq!(pod["metadata"]["labels"]["wsdrain.io/inject"].as_str(), Some("true"));
+    let grace = pod["spec"]["terminationGracePeriodSeconds"].as_u64().unwrap();
+
+    let hpa = example("hpa.yaml");
+    let hpa = kind(&hpa, "HorizontalPodAutoscaler");
+    assert_eq!(hpa["apiVersion"].as_str(), Some("autoscaling/v2"));
+    let metric = &hpa["spec"]["metrics"][0];
+    assert_eq!(metric["type"].as_str(), Some("Pods"));
+    assert_eq!(
+        metric["pods"]["metric"]["name"].as_str(),
+        Some("wsdrain_connections")
+    );
+    let window = hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"]
+        .as_u64()
+        .unwrap();
+    assert!(window >= grace, "scale-down window {window}s < a drain ({grace}s)");
+
+    let adapter = example("prometheus-adapter.yaml");
+    let rules: serde_yaml::Value = serde_yaml::from_str(
+        kind(&adapter, "ConfigMap")["data"]["config.yaml"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let rule = &rules["rules"][0];
+    assert!(rule["seriesQuery"].as_str().unwrap().contains("wsdrain_connections"));
+    assert_eq!(rule["name"]["as"].as_str(), Some("wsdrain_connections"));
+
+    let rbac = example("rbac.yaml");
+    let rules = kind(&rbac, "Role")["rules"].as_sequence().unwrap();
+    assert!(rules.iter().any(|r| {
+        r["resources"][0].as_str() == Some("endpointslices")
+            && r["verbs"].as_sequence().unwrap().len() == 2
+    }));
+
+    let keda = example("keda-scaledobject.yaml");
+    let so = kind(&keda, "ScaledObject");
+    assert_eq!(so["spec"]["scaleTargetRef"]["name"].as_str(), Some("chat"));
+    assert!(
+        so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+            ["stabilizationWindowSeconds"]
+            .as_u64()
+            .unwrap()
+            >= grace
+    );
+    assert!(so["spec"]["triggers"][0]["metadata"]["query"]
+        .as_str()
+        .unwrap()
+        .contains("wsdrain_connections"));
+}
