@@ -7,9 +7,12 @@
 //! closed clients reconnect through the ingress, which spreads them over the fleet.
 //!
 //! Oscillation: if the ingress sends the closed clients straight back (session affinity,
-//! a hash of the client address), every rebalance is futile. Each rebalance that follows
-//! another without a balanced count seen in between doubles the cooldown (up to
-//! `MAX_BACKOFF_SHIFT` doublings), so a futile loop disconnects ever fewer clients per hour.
+//! a hash of the client address), every rebalance is futile. A rebalance that finds the
+//! own count no lower than at the previous one doubles the cooldown (up to
+//! `MAX_BACKOFF_SHIFT` doublings), so a futile loop disconnects ever fewer clients per
+//! hour. A round-robin ingress sends part of the closed clients back too, but the count
+//! still falls round after round (the excess halves when half the pods are new): no
+//! back-off then.
 
 use std::time::{Duration, Instant};
 
@@ -77,7 +80,9 @@ pub fn believable(count: i64) -> Option<u64> {
 pub struct Rebalancer {
     settings: Settings,
     busy_until: Option<Instant>,
-    /// Rebalances in a row without a balanced count in between.
+    /// The own count when the last rebalance began, until a balanced count is seen.
+    last_from: Option<u64>,
+    /// Rebalances in a row that found the count no lower than the one before.
     futile: u32,
 }
 
@@ -86,6 +91,7 @@ impl Rebalancer {
         Rebalancer {
             settings,
             busy_until: None,
+            last_from: None,
             futile: 0,
         }
     }
@@ -112,23 +118,32 @@ impl Rebalancer {
         let mean = total / (counts.len() + 1) as f64;
         let threshold = (mean * (1.0 + self.settings.tolerance)).ceil();
         if own_f <= threshold {
-            self.futile = 0;
+            self.settled();
             return Decision::Hold(Hold::Balanced);
         }
         let target = mean.ceil() as u64;
         let excess = own.saturating_sub(target);
         if excess < self.settings.min_excess {
-            self.futile = 0;
+            self.settled();
             return Decision::Hold(Hold::SmallExcess { excess });
         }
+        self.futile = match self.last_from {
+            Some(before) if own >= before => self.futile.saturating_add(1),
+            _ => 0,
+        };
+        self.last_from = Some(own);
         let cooldown = self.settings.cooldown * (1u32 << self.futile.min(MAX_BACKOFF_SHIFT));
         self.busy_until = Some(now + self.settings.window + cooldown);
-        self.futile = self.futile.saturating_add(1);
         Decision::Close {
             sessions: excess,
             over: self.settings.window,
             target,
         }
+    }
+
+    fn settled(&mut self) {
+        self.futile = 0;
+        self.last_from = None;
     }
 }
 
@@ -239,6 +254,29 @@ mod tests {
         // Without the back-off: 90 rebalances of 75 in the hour.
         assert!(times.len() <= 12, "{} rebalances: {times:?}", times.len());
         assert_eq!(closed, 75 * times.len() as u64);
+    }
+
+    /// A round-robin ingress sends 1/N of all closed clients to every pod, old ones
+    /// included: the excess halves each round (3 old + 3 new pods), without back-off.
+    #[test]
+    fn a_round_robin_ingress_converges_round_by_round() {
+        let t0 = Instant::now();
+        let mut r = rb();
+        let (mut old, mut new) = (100.0f64, 0.0f64);
+        let mut rounds = Vec::new();
+        for s in (0..600).step_by(2) {
+            let own = old.round() as u64;
+            let peers = [own as i64, own as i64, new as i64, new as i64, new as i64];
+            let k = closes(r.decide(t0 + s * S, own, &peers, false)) as f64;
+            if k > 0.0 {
+                rounds.push(s);
+                // All three old pods close k; the 3k reconnects spread over six pods.
+                old += -k + 3.0 * k / 6.0;
+                new += 3.0 * k / 6.0;
+            }
+        }
+        assert_eq!(rounds, vec![0, 40, 80], "every window + cooldown");
+        assert!(old / ((old + new) / 2.0) <= 1.2, "old {old}, new {new}");
     }
 
     #[test]
