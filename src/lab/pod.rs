@@ -37,6 +37,9 @@ pub struct PodTemplate {
     pub sidecar: Sidecar,
     pub grace: Duration,
     pub propagation: Duration,
+    /// One agent port for every pod of a loopback run, so that a static `--peers` list
+    /// names every agent before it starts; `None`: a free port per pod.
+    pub agent_port: Option<u16>,
 }
 
 pub struct Pod {
@@ -88,7 +91,10 @@ impl Pod {
     ) -> Result<Pod, LabError> {
         let [app_port, admin_port, agent_port] = match ns {
             Some(_) => [netns::APP_PORT, netns::ADMIN_PORT, netns::AGENT_PORT],
-            None => free_ports(ip)?,
+            None => {
+                let [app, admin, agent] = free_ports(ip)?;
+                [app, admin, t.agent_port.unwrap_or(agent)]
+            }
         };
         // In its own namespace the app listens on all addresses, as in a pod, and the agent
         // reaches the admin API on the pod's loopback; `{ip}` of --app is then 0.0.0.0.
