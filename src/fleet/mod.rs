@@ -5,6 +5,7 @@
 //! - shares one reconnect budget with the pods draining at the same time: its close
 //!   rate is `--fleet-close-rate` / D (`budget`), fed to the drain core.
 
+pub mod args;
 pub mod budget;
 pub mod peers;
 pub mod rebalance;
