@@ -50,8 +50,9 @@ impl Agent {
             },
             None => None,
         };
+        let counter = Arc::new(Mutex::new(counter));
         let io = Io {
-            counter: Arc::new(Mutex::new(counter)),
+            counter: counter.clone(),
             admin: cfg
                 .admin_url
                 .clone()
@@ -89,6 +90,10 @@ impl Agent {
             trigger_from: cfg.trigger_from.clone(),
         };
         tokio::spawn(api::serve(listener, drainer.clone(), guard));
+        if let Some(fleet) = cfg.fleet.clone() {
+            let links = fleet_links(&cfg, &drainer, counter, link.clone(), local_addr);
+            tokio::spawn(crate::fleet::run(fleet, links));
+        }
         if let Some(link) = link {
             spawn_kube(link, &drainer, &cfg);
         }
@@ -104,6 +109,103 @@ impl Agent {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+}
+
+/// What the fleet loop talks to: the drain, the counter, and the admin API as closer.
+fn fleet_links(
+    cfg: &AgentConfig,
+    drainer: &Drainer,
+    counter: Arc<Mutex<Counter>>,
+    link: Option<Arc<PodLink>>,
+    own_addr: SocketAddr,
+) -> crate::fleet::Links {
+    crate::fleet::Links {
+        drain: Arc::new(drainer.clone()),
+        counter: Arc::new(seams::CountSeam(counter)),
+        closing: cfg.admin_url.clone().map(|url| crate::fleet::Closing {
+            closer: Arc::new(seams::AdminSeam(AdminClient::new(url, cfg.admin_timeout))),
+            code: cfg.close_code,
+            hint: cfg.hint.clone(),
+            reconnect_after: cfg.reconnect_after,
+            tick: cfg.close_tick,
+        }),
+        rebalance_closes: drainer.metrics().rebalance_closes.clone(),
+        kube: link,
+        own_addr,
+        own_ip: cfg.pod_ip,
+    }
+}
+
+/// Until the drain core talks through `drain::seams` itself: the admin client and the
+/// socket counter behind the seams, for the fleet loop.
+mod seams {
+    use std::sync::{Arc, Mutex};
+
+    use crate::admin::{AdminClient, DrainRequest};
+    use crate::conn::Counter;
+    use crate::drain::runner::Drainer;
+    use crate::drain::seams::{
+        BoxFuture, CloseError, CloseReply, CloseRequest, CountError, SessionCloser,
+        SessionCounter, Snapshot,
+    };
+
+    pub struct AdminSeam(pub AdminClient);
+
+    impl SessionCloser for AdminSeam {
+        fn close(&self, req: CloseRequest) -> BoxFuture<'_, Result<CloseReply, CloseError>> {
+            Box::pin(async move {
+                let req = DrainRequest {
+                    max: req.max,
+                    code: req.code,
+                    reason: req.reason,
+                };
+                match self.0.drain(&req).await {
+                    Ok(r) => Ok(CloseReply {
+                        closed: r.closed,
+                        remaining: r.remaining,
+                    }),
+                    Err(e) => Err(CloseError {
+                        label: e.result_label(),
+                        message: e.to_string(),
+                    }),
+                }
+            })
+        }
+
+        fn timeout(&self) -> std::time::Duration {
+            self.0.timeout()
+        }
+    }
+
+    pub struct CountSeam(pub Arc<Mutex<Counter>>);
+
+    impl SessionCounter for CountSeam {
+        fn snapshot(&self) -> BoxFuture<'_, Result<Snapshot, CountError>> {
+            let counter = self.0.clone();
+            Box::pin(async move {
+                let snap = tokio::task::spawn_blocking(move || {
+                    counter
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .snapshot()
+                })
+                .await
+                .map_err(|e| CountError(e.to_string()))?
+                .map_err(|e| CountError(e.to_string()))?;
+                Ok(Snapshot { ids: snap.ids })
+            })
+        }
+    }
+
+    impl crate::fleet::DrainView for Drainer {
+        fn is_draining(&self) -> bool {
+            Drainer::is_draining(self)
+        }
+
+        fn set_close_rate(&self, per_second: Option<f64>) {
+            tracing::debug!(?per_second, "fleet close rate (the drain core does not take it yet)");
+        }
     }
 }
 

@@ -212,6 +212,9 @@ pub struct AgentArgs {
         value_parser = parse_path
     )]
     pub termination_log: PathBuf,
+
+    #[command(flatten)]
+    pub fleet: crate::fleet::args::FleetArgs,
 }
 
 /// Checked agent settings. Built only by `AgentArgs::validate`.
@@ -240,6 +243,9 @@ pub struct AgentConfig {
     pub kube: Option<PodRef>,
     pub readiness_gate: bool,
     pub termination_log: Option<PathBuf>,
+    /// Peers, rebalancing and the fleet close budget; `None`: off.
+    pub fleet: Option<crate::fleet::FleetConfig>,
+    pub pod_ip: Option<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -335,6 +341,7 @@ impl AgentArgs {
             _ => None,
         };
         let termination_log = Some(self.termination_log).filter(|p| !p.as_os_str().is_empty());
+        let fleet = self.fleet.validate()?;
 
         Ok(AgentConfig {
             listen: self.listen,
@@ -360,6 +367,8 @@ impl AgentArgs {
             kube,
             readiness_gate: self.readiness_gate,
             termination_log,
+            fleet,
+            pod_ip: self.fleet.pod_ip,
         })
     }
 }

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub admin_requests: Family<ResultLabel, Counter>,
     pub count_errors: Counter,
     pub kube_failures: Gauge,
+    pub rebalance_closes: Counter,
 }
 
 impl Default for Metrics {
@@ -43,6 +44,7 @@ impl Metrics {
             admin_requests: Family::default(),
             count_errors: Counter::default(),
             kube_failures: Gauge::default(),
+            rebalance_closes: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -84,6 +86,11 @@ impl Metrics {
             "kube_api_failures",
             "Failed Kubernetes API calls",
             m.kube_failures.clone(),
+        );
+        registry.register(
+            "rebalance_closes",
+            "Sessions closed to move clients to less loaded pods",
+            m.rebalance_closes.clone(),
         );
         Metrics { registry, ..m }
     }
