@@ -24,6 +24,8 @@ pub const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 pub const BALANCED: f64 = 1.2;
 /// Pod addresses 127.A.B.2 to 127.A.B.(1 + this) are in every agent's `--peers`.
 pub const PEER_SLOTS: u8 = 24;
+/// Ids of the autoscale clients that leave: apart from the others (and the Python ones).
+const LEAVER_IDS: usize = 2_000_000;
 /// The HPA's default tolerance.
 pub const HPA_TOLERANCE: f64 = 0.1;
 /// The lab autoscaler's sync period (the HPA's is 15 s) and scale-down stabilisation
@@ -240,7 +242,7 @@ impl Run<'_> {
             "{} clients arriving over {ramp:?}; target {} per pod, {}..{} pods",
             a.clients, a.target_per_pod, a.min_pods, a.max_pods
         ));
-        let mut leavers = Load::new(self.epoch);
+        let mut leavers = Load::numbered_from(self.epoch, LEAVER_IDS);
         self.load.add_spaced(staying, &opts, every * 3);
         leavers.add_spaced(leaving, &opts, every * 3 / 2);
         self.rust_clients += staying;
@@ -262,6 +264,7 @@ impl Run<'_> {
                 report.max_sessions_per_pod = peak.iter().copied().max().unwrap_or(0);
                 self.say(&format!("peak sessions per pod {peak:?}; {leaving} clients leave"));
                 let gone = std::mem::replace(&mut leavers, Load::new(self.epoch));
+                // (The replacement never gets clients.)
                 self.retired.extend(gone.stop().await);
                 left = true;
             }
