@@ -20,8 +20,8 @@ use prometheus_client::metrics::counter::Counter;
 use serde_json::{Value, json};
 use tower_test::mock::{self, Handle, SendResponse};
 
-use wsdrain::config::DurationRange;
 use wsdrain::drain::hint::HintTemplate;
+use wsdrain::drain::settings::DelayRange;
 use wsdrain::drain::seams::{
     BoxFuture, CloseError, CloseReply, CloseRequest, CountError, SessionCloser, SessionCounter,
     Snapshot,
@@ -345,7 +345,7 @@ fn start(peers: &[&FakePeer], own: u64, rebalance: bool, budget: Option<f64>) ->
             closer: app.clone(),
             code: 1012,
             hint: HintTemplate::default(),
-            reconnect_after: DurationRange {
+            reconnect_after: DelayRange {
                 min: Duration::ZERO,
                 max: Duration::from_secs(2),
             },

@@ -3,7 +3,8 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use crate::config::{ConfigError, format_duration, parse_duration};
+use crate::agent::config::ConfigError;
+use crate::units::{format_duration, parse_duration};
 
 use super::budget::Budget;
 use super::rebalance::Settings;

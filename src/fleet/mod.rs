@@ -18,10 +18,11 @@ use hyper::Uri;
 use kube::runtime::events::{Event, EventType};
 use prometheus_client::metrics::counter::Counter;
 
-use crate::config::DurationRange;
 use crate::drain::hint::HintTemplate;
 use crate::drain::pacing::{batch_size, hint_delay};
+use crate::drain::runner::Drainer;
 use crate::drain::seams::{CloseRequest, SessionCloser, SessionCounter};
+use crate::drain::settings::DelayRange;
 use crate::kube::PodLink;
 use budget::Budget;
 use peers::{Peer, PeerStatus, SliceWatch};
@@ -62,12 +63,22 @@ pub trait DrainView: Send + Sync + 'static {
     fn set_close_rate(&self, per_second: Option<f64>);
 }
 
+impl DrainView for Drainer {
+    fn is_draining(&self) -> bool {
+        Drainer::is_draining(self)
+    }
+
+    fn set_close_rate(&self, per_second: Option<f64>) {
+        Drainer::set_close_rate(self, per_second);
+    }
+}
+
 /// How rebalancing closes go out: the drain's closer, close code, hint and tick.
 pub struct Closing {
     pub closer: Arc<dyn SessionCloser>,
     pub code: u16,
     pub hint: HintTemplate,
-    pub reconnect_after: DurationRange,
+    pub reconnect_after: DelayRange,
     pub tick: Duration,
 }
 

@@ -1,8 +1,11 @@
-//! `wsdrain agent`: wires counting, the admin client, the drain runner and the HTTP API.
+//! `wsdrain agent`: wires the edges (socket counting, the admin client, the HTTP API,
+//! Kubernetes, signals) to the drain core.
+
+pub mod config;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -10,14 +13,16 @@ use tokio::net::TcpListener;
 
 use crate::admin::AdminClient;
 use crate::api::{self, Guard};
-use crate::config::{AgentConfig, format_duration};
-use crate::conn::{Counter, Filter};
-use crate::drain::machine::Timings;
+use crate::conn::{Counter, Filter, SocketCounter};
+use crate::fleet;
 use crate::drain::report::{Notice, Trigger};
-use crate::drain::runner::{Drainer, Io};
+use crate::drain::runner::{Drainer, Parts};
+use crate::drain::seams::{SessionCloser, SessionCounter};
 use crate::kube::{self, PodLink};
 use crate::metrics::Metrics;
 use crate::signals;
+use crate::units::format_duration;
+use config::AgentConfig;
 
 /// A running agent: API served, drain ready to start on a trigger. No signal handling of
 /// its own, so `wrap` can embed it.
@@ -50,21 +55,19 @@ impl Agent {
             },
             None => None,
         };
-        let counter = Arc::new(Mutex::new(counter));
-        let io = Io {
+        let metrics = Arc::new(Metrics::new());
+        let closer = cfg.admin_url.clone().map(|url| {
+            Arc::new(AdminClient::new(url, cfg.admin_timeout)) as Arc<dyn SessionCloser>
+        });
+        let counter: Arc<dyn SessionCounter> = Arc::new(SocketCounter::new(counter));
+        let parts = Parts {
             counter: counter.clone(),
-            admin: cfg
-                .admin_url
-                .clone()
-                .map(|url| AdminClient::new(url, cfg.admin_timeout)),
+            closer,
             close_code: cfg.close_code,
             hint: cfg.hint.clone(),
-            metrics: Arc::new(Metrics::new()),
-            deadline_probe: link
-                .clone()
-                .map(|l| kube::deadline_probe(l, cfg.drain_timeout, cfg.app_reserve)),
+            observer: metrics.clone(),
         };
-        let drainer = Drainer::new(Timings::from_config(&cfg), cfg.drain_timeout, io);
+        let drainer = Drainer::new(cfg.drain_settings(), parts);
         spawn_termination_message(&drainer, &cfg);
 
         tracing::info!(
@@ -89,13 +92,18 @@ impl Agent {
             token: cfg.token.clone(),
             trigger_from: cfg.trigger_from.clone(),
         };
-        tokio::spawn(api::serve(listener, drainer.clone(), guard));
+        tokio::spawn(api::serve(
+            listener,
+            drainer.clone(),
+            metrics.clone(),
+            guard,
+        ));
         if let Some(fleet) = cfg.fleet.clone() {
-            let links = fleet_links(&cfg, &drainer, counter, link.clone(), local_addr);
-            tokio::spawn(crate::fleet::run(fleet, links));
+            let links = fleet_links(&cfg, &drainer, counter, &metrics, link.clone(), local_addr);
+            tokio::spawn(fleet::run(fleet, links));
         }
         if let Some(link) = link {
-            spawn_kube(link, &drainer, &cfg);
+            spawn_kube(link, &drainer, &metrics);
         }
         Ok(Agent {
             drainer,
@@ -112,100 +120,30 @@ impl Agent {
     }
 }
 
-/// What the fleet loop talks to: the drain, the counter, and the admin API as closer.
+/// What the fleet loop talks to: the drain, its counter and closer (the rebalancer is
+/// one more user of the drain's seams), the metric and the pod's API link.
 fn fleet_links(
     cfg: &AgentConfig,
     drainer: &Drainer,
-    counter: Arc<Mutex<Counter>>,
+    counter: Arc<dyn SessionCounter>,
+    metrics: &Metrics,
     link: Option<Arc<PodLink>>,
     own_addr: SocketAddr,
-) -> crate::fleet::Links {
-    crate::fleet::Links {
+) -> fleet::Links {
+    fleet::Links {
         drain: Arc::new(drainer.clone()),
-        counter: Arc::new(seams::CountSeam(counter)),
-        closing: cfg.admin_url.clone().map(|url| crate::fleet::Closing {
-            closer: Arc::new(seams::AdminSeam(AdminClient::new(url, cfg.admin_timeout))),
+        counter,
+        closing: drainer.closer().map(|closer| fleet::Closing {
+            closer,
             code: cfg.close_code,
             hint: cfg.hint.clone(),
-            reconnect_after: cfg.reconnect_after,
+            reconnect_after: cfg.drain_settings().reconnect_after,
             tick: cfg.close_tick,
         }),
-        rebalance_closes: drainer.metrics().rebalance_closes.clone(),
+        rebalance_closes: metrics.rebalance_closes.clone(),
         kube: link,
         own_addr,
         own_ip: cfg.pod_ip,
-    }
-}
-
-/// Until the drain core talks through `drain::seams` itself: the admin client and the
-/// socket counter behind the seams, for the fleet loop.
-mod seams {
-    use std::sync::{Arc, Mutex};
-
-    use crate::admin::{AdminClient, DrainRequest};
-    use crate::conn::Counter;
-    use crate::drain::runner::Drainer;
-    use crate::drain::seams::{
-        BoxFuture, CloseError, CloseReply, CloseRequest, CountError, SessionCloser,
-        SessionCounter, Snapshot,
-    };
-
-    pub struct AdminSeam(pub AdminClient);
-
-    impl SessionCloser for AdminSeam {
-        fn close(&self, req: CloseRequest) -> BoxFuture<'_, Result<CloseReply, CloseError>> {
-            Box::pin(async move {
-                let req = DrainRequest {
-                    max: req.max,
-                    code: req.code,
-                    reason: req.reason,
-                };
-                match self.0.drain(&req).await {
-                    Ok(r) => Ok(CloseReply {
-                        closed: r.closed,
-                        remaining: r.remaining,
-                    }),
-                    Err(e) => Err(CloseError {
-                        label: e.result_label(),
-                        message: e.to_string(),
-                    }),
-                }
-            })
-        }
-
-        fn timeout(&self) -> std::time::Duration {
-            self.0.timeout()
-        }
-    }
-
-    pub struct CountSeam(pub Arc<Mutex<Counter>>);
-
-    impl SessionCounter for CountSeam {
-        fn snapshot(&self) -> BoxFuture<'_, Result<Snapshot, CountError>> {
-            let counter = self.0.clone();
-            Box::pin(async move {
-                let snap = tokio::task::spawn_blocking(move || {
-                    counter
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .snapshot()
-                })
-                .await
-                .map_err(|e| CountError(e.to_string()))?
-                .map_err(|e| CountError(e.to_string()))?;
-                Ok(Snapshot { ids: snap.ids })
-            })
-        }
-    }
-
-    impl crate::fleet::DrainView for Drainer {
-        fn is_draining(&self) -> bool {
-            Drainer::is_draining(self)
-        }
-
-        fn set_close_rate(&self, per_second: Option<f64>) {
-            tracing::debug!(?per_second, "fleet close rate (the drain core does not take it yet)");
-        }
     }
 }
 
@@ -228,8 +166,9 @@ fn spawn_termination_message(drainer: &Drainer, cfg: &AgentConfig) {
 
 /// The pod's side of the drain: readiness condition, Events, the deletion watch, and the
 /// API failure count for /metrics.
-fn spawn_kube(link: Arc<PodLink>, drainer: &Drainer, cfg: &AgentConfig) {
+fn spawn_kube(link: Arc<PodLink>, drainer: &Drainer, metrics: &Arc<Metrics>) {
     tokio::spawn(kube::follow_notices(link.clone(), drainer.notices()));
+    tokio::spawn(kube::feed_deletion_at_start(link.clone(), drainer.clone()));
     // The gate keeps the pod NotReady until True sticks: retry until it does (or a drain
     // started, which makes it a no-op).
     let serving = link.clone();
@@ -244,14 +183,16 @@ fn spawn_kube(link: Arc<PodLink>, drainer: &Drainer, cfg: &AgentConfig) {
     // (`wrap`, or an app container whose own preStop was kept), and applies the real
     // deadline to a drain that was already running (a maintenance `POST /drain`).
     let (watch, d) = (link.clone(), drainer.clone());
-    let (timeout, reserve) = (cfg.drain_timeout, cfg.app_reserve);
     tokio::spawn(async move {
         let deletion = watch.wait_for_deletion().await;
         tracing::info!("pod deletion seen: draining");
-        d.start(Trigger::PodDeletion);
-        d.shorten_deadline(kube::deletion_deadline(deletion, timeout, reserve));
+        d.pod_deleting(kube::kill_instant(
+            deletion,
+            tokio::time::Instant::now().into_std(),
+            std::time::SystemTime::now(),
+        ));
     });
-    let metrics = drainer.metrics().clone();
+    let metrics = metrics.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
