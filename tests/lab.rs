@@ -767,3 +767,28 @@ fn autoscale_follows_the_connections_up_and_down() {
         assert_eq!(pod["drain_outcome"], "Drained", "{pod}");
     }
 }
+
+#[test]
+fn a_fleet_close_budget_caps_what_the_survivors_see() {
+    // 600 + 600 clients; the 3 pods removed at once hold ~300 sessions. Both runs get
+    // the same grace period, so only the budget differs.
+    let args = ["seed", "--agent", "on", "--clients", "600", "--grace", "30s"];
+    let with = lab(
+        &[&args[..], &["--fleet-close-rate", "50"]].concat(),
+        Duration::from_secs(120),
+    );
+    let peak = n(&with, "peak_reconnects_per_s");
+    assert!(peak <= 60, "budget 50/s, survivors saw {peak}/s: {with}");
+    assert!(n(&with, "removed.connections") >= 200, "{with}");
+    assert_eq!(n(&with, "abnormal_closes"), 0, "{with}");
+    for pod in with["pods"].as_array().expect("pods") {
+        // The budget never holds a drain past its deadline (30 s grace − 5 s reserve).
+        assert!(n(pod, "hook_ms") <= 25_500, "{pod}");
+        assert!(pod["killed"].as_array().is_some_and(Vec::is_empty), "{pod}");
+    }
+    let without = lab(&args, Duration::from_secs(120));
+    assert!(
+        n(&without, "peak_reconnects_per_s") > peak,
+        "without the budget the peak is higher: {without}"
+    );
+}

@@ -163,15 +163,18 @@ pub async fn run(cfg: FleetConfig, links: Links) {
         if let Some(budget) = cfg.budget {
             let others = draining_peers(&views);
             let share = budget.share(others);
-            if rate != Some(share) {
-                if draining {
-                    tracing::info!(
-                        rate_per_s = share,
-                        draining_pods = others + 1,
-                        fleet_close_rate = budget.per_second(),
-                        "fleet close budget: this pod's share"
-                    );
-                }
+            if draining && rate != Some(share) {
+                tracing::info!(
+                    rate_per_s = share,
+                    draining_pods = others + 1,
+                    fleet_close_rate = budget.per_second(),
+                    "fleet close budget: this pod's share"
+                );
+            }
+            // Every round while draining, not only on a change: each call re-fits the
+            // drain's close window to the sessions left, so closes that fell behind
+            // (a busy node) are not caught up in bursts above the share.
+            if draining || rate != Some(share) {
                 links.drain.set_close_rate(Some(share));
                 rate = Some(share);
             }

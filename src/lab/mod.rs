@@ -116,8 +116,8 @@ pub struct LabArgs {
     /// Native sidecar (SIGTERM after the app exited) or classic (SIGTERM at t0).
     #[arg(long, env = "WSDRAIN_LAB_SIDECAR", default_value = "native")]
     pub sidecar: Sidecar,
-    /// The pods' terminationGracePeriodSeconds [default: 10s; 20s with
-    /// --fleet-close-rate, so that a budgeted drain fits].
+    /// The pods' terminationGracePeriodSeconds [default: 10s; 30s, the Kubernetes
+    /// default, with --fleet-close-rate, so that a budgeted drain fits].
     #[arg(long, env = "WSDRAIN_LAB_GRACE", value_parser = parse_duration)]
     pub grace: Option<Duration>,
     /// Delay between deletion and the endpoint leaving the ingress.
@@ -273,7 +273,7 @@ impl LabArgs {
                 agent_flags,
                 sidecar: self.sidecar,
                 grace: self.grace.unwrap_or(if self.fleet.fleet_close_rate.is_some() {
-                    Duration::from_secs(20)
+                    Duration::from_secs(30)
                 } else {
                     Duration::from_secs(10)
                 }),
