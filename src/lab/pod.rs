@@ -51,6 +51,8 @@ pub struct Pod {
     pub slot: Option<String>,
     app: Child,
     agent: Option<Child>,
+    /// The run's directory, where each container's log is.
+    dir: PathBuf,
     /// Last field: dropped (namespace deleted) after the children got SIGKILL.
     _netns: Option<PodNs>,
 }
@@ -170,6 +172,7 @@ impl Pod {
             slot: None,
             app,
             agent,
+            dir: dir.to_owned(),
             _netns: ns,
         })
     }
@@ -202,9 +205,14 @@ impl Pod {
             }
             for c in std::iter::once(&self.app).chain(self.agent.iter()) {
                 if let Some(status) = c.exited() {
+                    // The container's last words say why (e.g. a port taken).
+                    let log = self.dir.join(format!("{}.log", c.name.replace('/', "-")));
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(3).collect();
                     return Err(LabError::Pod(format!(
-                        "{} exited at start: {status}",
-                        c.name
+                        "{} exited at start: {status}; its log ends: {}",
+                        c.name,
+                        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
                     )));
                 }
             }
