@@ -21,11 +21,11 @@ use serde_json::{Value, json};
 use tower_test::mock::{self, Handle, SendResponse};
 
 use wsdrain::drain::hint::HintTemplate;
-use wsdrain::drain::settings::DelayRange;
 use wsdrain::drain::seams::{
     BoxFuture, CloseError, CloseReply, CloseRequest, CountError, SessionCloser, SessionCounter,
     Snapshot,
 };
+use wsdrain::drain::settings::DelayRange;
 use wsdrain::fleet::budget::Budget;
 use wsdrain::fleet::peers::{SliceWatch, peers_from_slices};
 use wsdrain::fleet::rebalance::Settings;
@@ -70,7 +70,12 @@ async fn next(handle: &mut Pin<Box<MockHandle>>) -> (Request<Body>, SendResponse
 fn query(uri: &str) -> Vec<String> {
     let mut q: Vec<String> = uri
         .split_once('?')
-        .map(|(_, q)| q.split('&').filter(|s| !s.is_empty()).map(str::to_owned).collect())
+        .map(|(_, q)| {
+            q.split('&')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
         .unwrap_or_default();
     q.sort();
     q
@@ -148,13 +153,19 @@ async fn endpoint_slices_of_the_service_are_listed_then_watched() {
     for (t, obj) in [
         (
             "MODIFIED",
-            slice("ws-a", json!([
-                ep("10.0.0.1", "ws-0", true, false),
-                ep("10.0.0.2", "ws-1", true, false),
-                ep("10.0.0.3", "ws-2", false, true),
-            ])),
+            slice(
+                "ws-a",
+                json!([
+                    ep("10.0.0.1", "ws-0", true, false),
+                    ep("10.0.0.2", "ws-1", true, false),
+                    ep("10.0.0.3", "ws-2", false, true),
+                ]),
+            ),
         ),
-        ("ADDED", slice("ws-b", json!([ep("10.0.0.4", "ws-3", true, false)]))),
+        (
+            "ADDED",
+            slice("ws-b", json!([ep("10.0.0.4", "ws-3", true, false)])),
+        ),
     ] {
         lines.extend(serde_json::to_vec(&json!({"type": t, "object": obj})).unwrap());
         lines.push(b'\n');
@@ -328,9 +339,7 @@ fn start(peers: &[&FakePeer], own: u64, rebalance: bool, budget: Option<f64>) ->
     });
     let closes_metric = Counter::default();
     let cfg = FleetConfig {
-        source: Source::Static(
-            wsdrain::fleet::peers::parse_peer_list(&urls.join(",")).unwrap(),
-        ),
+        source: Source::Static(wsdrain::fleet::peers::parse_peer_list(&urls.join(",")).unwrap()),
         interval: Duration::from_millis(200),
         rebalance: rebalance.then_some(Settings {
             window: WINDOW,
@@ -444,24 +453,30 @@ async fn draining_pods_share_the_fleet_close_budget() {
         fake_peer(serving(10)).await,
     );
     let s = start(&[&a, &b, &c], 40, false, Some(60.0));
-    until("the share with one other draining pod", Duration::from_secs(3), || {
-        s.drain.rates.lock().unwrap().last() == Some(&Some(30.0))
-    })
+    until(
+        "the share with one other draining pod",
+        Duration::from_secs(3),
+        || s.drain.rates.lock().unwrap().last() == Some(&Some(30.0)),
+    )
     .await;
     // This pod drains too, and a third pod starts draining: 60 / 3.
     s.drain.draining.store(true, Ordering::SeqCst);
     *b.body.lock().unwrap() = closing();
-    until("the share with two other draining pods", Duration::from_secs(3), || {
-        s.drain.rates.lock().unwrap().last() == Some(&Some(20.0))
-    })
+    until(
+        "the share with two other draining pods",
+        Duration::from_secs(3),
+        || s.drain.rates.lock().unwrap().last() == Some(&Some(20.0)),
+    )
     .await;
     // One finished (still draining as far as the budget goes: `Drained`), one went away
     // (its answer is unusable: skipped): the share grows again.
     *a.body.lock().unwrap() = json!({"status": {"state": "Drained"}});
     *b.body.lock().unwrap() = Value::Null;
-    until("the share once the others are done", Duration::from_secs(3), || {
-        s.drain.rates.lock().unwrap().last() == Some(&Some(30.0))
-    })
+    until(
+        "the share once the others are done",
+        Duration::from_secs(3),
+        || s.drain.rates.lock().unwrap().last() == Some(&Some(30.0)),
+    )
     .await;
 }
 
@@ -483,7 +498,12 @@ fn kind<'a>(docs: &'a [serde_yaml::Value], k: &str) -> &'a serde_yaml::Value {
 
 #[test]
 fn the_autoscaling_example_validates_and_fits_together() {
-    for f in ["app.yaml", "rbac.yaml", "hpa.yaml", "prometheus-adapter.yaml"] {
+    for f in [
+        "app.yaml",
+        "rbac.yaml",
+        "hpa.yaml",
+        "prometheus-adapter.yaml",
+    ] {
         common::kubernetes_validate(&common::repo_path(&format!(
             "deploy/examples/autoscaling/{f}"
         )));
@@ -494,8 +514,13 @@ fn the_autoscaling_example_validates_and_fits_together() {
     assert_eq!(ann["wsdrain.io/rebalance"].as_str(), Some("true"));
     assert_eq!(ann["wsdrain.io/service"].as_str(), Some("chat"));
     assert!(ann["wsdrain.io/fleet-close-rate"].as_str().is_some());
-    assert_eq!(pod["metadata"]["labels"]["wsdrain.io/inject"].as_str(), Some("true"));
-    let grace = pod["spec"]["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert_eq!(
+        pod["metadata"]["labels"]["wsdrain.io/inject"].as_str(),
+        Some("true")
+    );
+    let grace = pod["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .unwrap();
 
     let hpa = example("hpa.yaml");
     let hpa = kind(&hpa, "HorizontalPodAutoscaler");
@@ -509,7 +534,10 @@ fn the_autoscaling_example_validates_and_fits_together() {
     let window = hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"]
         .as_u64()
         .unwrap();
-    assert!(window >= grace, "scale-down window {window}s < a drain ({grace}s)");
+    assert!(
+        window >= grace,
+        "scale-down window {window}s < a drain ({grace}s)"
+    );
 
     let adapter = example("prometheus-adapter.yaml");
     let rules: serde_yaml::Value = serde_yaml::from_str(
@@ -519,7 +547,12 @@ fn the_autoscaling_example_validates_and_fits_together() {
     )
     .unwrap();
     let rule = &rules["rules"][0];
-    assert!(rule["seriesQuery"].as_str().unwrap().contains("wsdrain_connections"));
+    assert!(
+        rule["seriesQuery"]
+            .as_str()
+            .unwrap()
+            .contains("wsdrain_connections")
+    );
     assert_eq!(rule["name"]["as"].as_str(), Some("wsdrain_connections"));
 
     let rbac = example("rbac.yaml");
@@ -539,8 +572,10 @@ fn the_autoscaling_example_validates_and_fits_together() {
             .unwrap()
             >= grace
     );
-    assert!(so["spec"]["triggers"][0]["metadata"]["query"]
-        .as_str()
-        .unwrap()
-        .contains("wsdrain_connections"));
+    assert!(
+        so["spec"]["triggers"][0]["metadata"]["query"]
+            .as_str()
+            .unwrap()
+            .contains("wsdrain_connections")
+    );
 }

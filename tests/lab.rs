@@ -710,7 +710,15 @@ fn f(v: &Value, key: &str) -> f64 {
 #[test]
 fn scale_up_rebalancing_moves_clients_to_the_new_pods() {
     let on = lab(
-        &["scale-up", "--agent", "on", "--rebalance", "on", "--clients", "300"],
+        &[
+            "scale-up",
+            "--agent",
+            "on",
+            "--rebalance",
+            "on",
+            "--clients",
+            "300",
+        ],
         LIMIT,
     );
     assert!(f(&on, "imbalance_before") >= 1.8, "{on}");
@@ -724,7 +732,15 @@ fn scale_up_rebalancing_moves_clients_to_the_new_pods() {
     assert!(n(&on, "clean_closes_with_hint") > 0, "{on}");
 
     let off = lab(
-        &["scale-up", "--agent", "on", "--rebalance", "off", "--clients", "300"],
+        &[
+            "scale-up",
+            "--agent",
+            "on",
+            "--rebalance",
+            "off",
+            "--clients",
+            "300",
+        ],
         LIMIT,
     );
     assert!(f(&off, "imbalance_after") >= 1.8, "{off}");
@@ -741,7 +757,15 @@ fn scale_up_rebalances_a_foreign_app_too() {
         py.display()
     );
     let s = lab(
-        &["scale-up", "--rebalance", "on", "--clients", "120", "--app", &app],
+        &[
+            "scale-up",
+            "--rebalance",
+            "on",
+            "--clients",
+            "120",
+            "--app",
+            &app,
+        ],
         LIMIT,
     );
     assert!(f(&s, "imbalance_before") >= 1.8, "{s}");
@@ -756,10 +780,7 @@ fn autoscale_follows_the_connections_up_and_down() {
     let target = n(&s, "target_per_pod") as f64;
     assert!(n(&s, "max_pods") >= 5, "scaled up on connections: {s}");
     assert_eq!(n(&s, "final_pods"), 2, "scaled back down: {s}");
-    assert!(
-        n(&s, "max_sessions_per_pod") as f64 <= 1.3 * target,
-        "{s}"
-    );
+    assert!(n(&s, "max_sessions_per_pod") as f64 <= 1.3 * target, "{s}");
     assert_eq!(n(&s, "abnormal_closes"), 0, "{s}");
     assert_eq!(n(&s, "messages_lost"), 0, "{s}");
     assert_eq!(n(&s, "clients"), 300, "{s}");
@@ -772,7 +793,15 @@ fn autoscale_follows_the_connections_up_and_down() {
 fn a_fleet_close_budget_caps_what_the_survivors_see() {
     // 600 + 600 clients; the 3 pods removed at once hold ~300 sessions. Both runs get
     // the same grace period, so only the budget differs.
-    let args = ["seed", "--agent", "on", "--clients", "600", "--grace", "30s"];
+    let args = [
+        "seed",
+        "--agent",
+        "on",
+        "--clients",
+        "600",
+        "--grace",
+        "30s",
+    ];
     let with = lab(
         &[&args[..], &["--fleet-close-rate", "50"]].concat(),
         Duration::from_secs(120),

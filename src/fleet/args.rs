@@ -89,11 +89,22 @@ fn check_service(name: &str) -> Result<(), String> {
 impl FleetArgs {
     /// `None` when neither rebalancing nor a budget is on and no peers are named.
     pub fn validate(&self) -> Result<Option<FleetConfig>, ConfigError> {
-        let service = self.service.as_deref().map(str::trim).filter(|s| !s.is_empty());
-        let peer_list = self.peers.as_deref().map(str::trim).filter(|s| !s.is_empty());
+        let service = self
+            .service
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty());
+        let peer_list = self
+            .peers
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty());
         let source = match (service, peer_list) {
             (Some(_), Some(_)) => {
-                return Err(invalid("--peers", "use either --service or --peers, not both"));
+                return Err(invalid(
+                    "--peers",
+                    "use either --service or --peers, not both",
+                ));
             }
             (Some(s), None) => {
                 check_service(s).map_err(|e| invalid("--service", e))?;
@@ -109,7 +120,10 @@ impl FleetArgs {
         }
         let t = self.rebalance_tolerance;
         if !(t.is_finite() && (0.0..=10.0).contains(&t)) {
-            return Err(invalid("--rebalance-tolerance", format!("{t} is not within 0 to 10")));
+            return Err(invalid(
+                "--rebalance-tolerance",
+                format!("{t} is not within 0 to 10"),
+            ));
         }
         if self.rebalance_min == 0 {
             return Err(invalid("--rebalance-min", "must be at least 1"));
@@ -117,7 +131,10 @@ impl FleetArgs {
         if self.rebalance_window < Duration::from_millis(100) {
             return Err(invalid(
                 "--rebalance-window",
-                format!("{} is shorter than 100ms", format_duration(self.rebalance_window)),
+                format!(
+                    "{} is shorter than 100ms",
+                    format_duration(self.rebalance_window)
+                ),
             ));
         }
         let budget = self
@@ -171,7 +188,9 @@ mod tests {
     #[test]
     fn off_by_default_and_defaults_follow_the_contract() {
         assert!(parse(&[]).unwrap().is_none());
-        let c = parse(&["--service", "chat", "--rebalance"]).unwrap().unwrap();
+        let c = parse(&["--service", "chat", "--rebalance"])
+            .unwrap()
+            .unwrap();
         assert_eq!(c.source, Source::Service("chat".into()));
         assert_eq!(c.interval, Duration::from_secs(2));
         assert_eq!(c.rebalance, Some(Settings::default()));
@@ -180,9 +199,16 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(c.rebalance.is_none());
-        let c = parse(&["--peers", "http://a:1", "--fleet-close-rate", "50", "--rebalance", "true"])
-            .unwrap()
-            .unwrap();
+        let c = parse(&[
+            "--peers",
+            "http://a:1",
+            "--fleet-close-rate",
+            "50",
+            "--rebalance",
+            "true",
+        ])
+        .unwrap()
+        .unwrap();
         assert_eq!(c.budget.map(|b| b.per_second()), Some(50.0));
         assert!(c.rebalance.is_some());
     }
@@ -195,11 +221,26 @@ mod tests {
             (&["--service", "Chat_1"], "--service"),
             (&["--service", "a", "--peers", "http://b:1"], "--peers"),
             (&["--peers", "ftp://x:1"], "--peers"),
-            (&["--peers", "http://x:1", "--fleet-interval", "10ms"], "--fleet-interval"),
-            (&["--peers", "http://x:1", "--rebalance-tolerance=-1"], "--rebalance-tolerance"),
-            (&["--peers", "http://x:1", "--rebalance-min", "0"], "--rebalance-min"),
-            (&["--peers", "http://x:1", "--rebalance-window", "0"], "--rebalance-window"),
-            (&["--peers", "http://x:1", "--fleet-close-rate", "0"], "--fleet-close-rate"),
+            (
+                &["--peers", "http://x:1", "--fleet-interval", "10ms"],
+                "--fleet-interval",
+            ),
+            (
+                &["--peers", "http://x:1", "--rebalance-tolerance=-1"],
+                "--rebalance-tolerance",
+            ),
+            (
+                &["--peers", "http://x:1", "--rebalance-min", "0"],
+                "--rebalance-min",
+            ),
+            (
+                &["--peers", "http://x:1", "--rebalance-window", "0"],
+                "--rebalance-window",
+            ),
+            (
+                &["--peers", "http://x:1", "--fleet-close-rate", "0"],
+                "--fleet-close-rate",
+            ),
         ];
         for (args, field) in cases {
             let err = parse(args).unwrap_err();

@@ -46,10 +46,7 @@ mod tests {
         assert!((b.share(2) - 50.0 / 3.0).abs() < 1e-9);
         for d in 1..=64usize {
             let total = b.share(d - 1) * d as f64;
-            assert!(
-                total <= 50.0 + 1e-9,
-                "{d} pods close {total}/s in total"
-            );
+            assert!(total <= 50.0 + 1e-9, "{d} pods close {total}/s in total");
         }
         assert!(b.share(usize::MAX) > 0.0, "never a zero rate");
     }

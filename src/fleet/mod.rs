@@ -150,7 +150,9 @@ pub async fn run(cfg: FleetConfig, links: Links) {
     };
     let mut rebalancer = cfg.rebalance.map(Rebalancer::new);
     if rebalancer.is_some() && links.closing.is_none() {
-        tracing::warn!("--rebalance needs a way to close sessions (--admin-url or --proxy); not rebalancing");
+        tracing::warn!(
+            "--rebalance needs a way to close sessions (--admin-url or --proxy); not rebalancing"
+        );
         rebalancer = None;
     }
     let links = Arc::new(links);

@@ -102,8 +102,8 @@ pub fn static_peers(urls: &[Uri], own: SocketAddr) -> Vec<Peer> {
 
 /// Reads the count and phase out of a peer's `/status` answer.
 pub fn parse_status(body: &[u8]) -> Result<PeerStatus, PeerError> {
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| PeerError::Body(format!("not JSON: {e}")))?;
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| PeerError::Body(format!("not JSON: {e}")))?;
     let status = v
         .get("status")
         .and_then(Value::as_object)
@@ -289,9 +289,11 @@ mod tests {
                 draining: false
             })
         );
-        let s = status(json!({"status": {"state": "Serving", "connections": 40, "sessions": null}}));
+        let s =
+            status(json!({"status": {"state": "Serving", "connections": 40, "sessions": null}}));
         assert_eq!(s.unwrap().count, Some(40));
-        let s = status(json!({"status": {"state": "Closing", "connections": null}, "summary": null}));
+        let s =
+            status(json!({"status": {"state": "Closing", "connections": null}, "summary": null}));
         assert_eq!(
             s,
             Ok(PeerStatus {
@@ -339,7 +341,11 @@ mod tests {
             parse_peer_list("http://127.0.0.2:9000, http://127.0.0.3:9000/,http://127.0.0.2:9000")
                 .unwrap();
         assert_eq!(urls.len(), 2, "duplicates and trailing slashes folded");
-        assert!(parse_peer_list("https://x:1").unwrap_err().contains("http://"));
+        assert!(
+            parse_peer_list("https://x:1")
+                .unwrap_err()
+                .contains("http://")
+        );
         assert!(parse_peer_list("http://x").unwrap_err().contains("no port"));
         assert!(parse_peer_list("http://[bad").is_err());
         assert_eq!(parse_peer_list("").unwrap(), Vec::<Uri>::new());

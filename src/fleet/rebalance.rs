@@ -298,7 +298,10 @@ mod tests {
     fn peers_that_disappear_leave_the_mean() {
         let t0 = Instant::now();
         // Three empty new pods: close to the mean of 50.
-        assert_eq!(closes(rb().decide(t0, 100, &[100, 100, 0, 0, 0], false)), 50);
+        assert_eq!(
+            closes(rb().decide(t0, 100, &[100, 100, 0, 0, 0], false)),
+            50
+        );
         // Two of them went away (unreachable, deleted): mean 75, threshold 83.
         assert_eq!(closes(rb().decide(t0, 100, &[100, 100, 0], false)), 25);
         // All peers gone: nothing to compare with.

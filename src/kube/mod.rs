@@ -288,11 +288,8 @@ impl PodLink {
             self.deletion_time().await;
         }
         let reference = self.object_ref();
-        self.call(
-            Call::PublishEvent,
-            self.recorder.publish(event, &reference),
-        )
-        .await;
+        self.call(Call::PublishEvent, self.recorder.publish(event, &reference))
+            .await;
     }
 
     fn object_ref(&self) -> ObjectReference {

@@ -75,7 +75,11 @@ pub fn scale_up_scenario() -> Scenario {
     Scenario {
         name: "scale-up".into(),
         pods: 3,
-        steps: vec![Step::Clients(300), Step::ScaleTo(6), Step::BalanceMs(30_000)],
+        steps: vec![
+            Step::Clients(300),
+            Step::ScaleTo(6),
+            Step::BalanceMs(30_000),
+        ],
     }
 }
 
@@ -262,7 +266,9 @@ impl Run<'_> {
             if !left && Instant::now() >= peak_end {
                 let peak = all_sessions(&self.pods).await;
                 report.max_sessions_per_pod = peak.iter().copied().max().unwrap_or(0);
-                self.say(&format!("peak sessions per pod {peak:?}; {leaving} clients leave"));
+                self.say(&format!(
+                    "peak sessions per pod {peak:?}; {leaving} clients leave"
+                ));
                 let gone = std::mem::replace(&mut leavers, Load::new(self.epoch));
                 // (The replacement never gets clients.)
                 self.retired.extend(gone.stop().await);
@@ -432,7 +438,10 @@ mod tests {
     fn gauges_from_prometheus_text() {
         let text = "# HELP wsdrain_connections x\n# TYPE wsdrain_connections gauge\nwsdrain_connections 42\nwsdrain_connections_other 7\n";
         assert_eq!(gauge(text, "wsdrain_connections"), Some(42));
-        assert_eq!(gauge("wsdrain_connections -3\n", "wsdrain_connections"), None);
+        assert_eq!(
+            gauge("wsdrain_connections -3\n", "wsdrain_connections"),
+            None
+        );
         assert_eq!(gauge("", "wsdrain_connections"), None);
     }
 

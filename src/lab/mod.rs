@@ -272,11 +272,13 @@ impl LabArgs {
                 app_cmd: self.app.clone(),
                 agent_flags,
                 sidecar: self.sidecar,
-                grace: self.grace.unwrap_or(if self.fleet.fleet_close_rate.is_some() {
-                    Duration::from_secs(30)
-                } else {
-                    Duration::from_secs(10)
-                }),
+                grace: self
+                    .grace
+                    .unwrap_or(if self.fleet.fleet_close_rate.is_some() {
+                        Duration::from_secs(30)
+                    } else {
+                        Duration::from_secs(10)
+                    }),
                 propagation: self.propagation,
                 agent_port: None,
             },
