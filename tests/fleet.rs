@@ -20,6 +20,7 @@ use prometheus_client::metrics::counter::Counter;
 use serde_json::{Value, json};
 use tower_test::mock::{self, Handle, SendResponse};
 
+use wsdrain::agent::config::PodRef;
 use wsdrain::drain::hint::HintTemplate;
 use wsdrain::drain::seams::{
     BoxFuture, CloseError, CloseReply, CloseRequest, CountError, SessionCloser, SessionCounter,
@@ -30,6 +31,7 @@ use wsdrain::fleet::budget::Budget;
 use wsdrain::fleet::peers::{SliceWatch, peers_from_slices};
 use wsdrain::fleet::rebalance::Settings;
 use wsdrain::fleet::{Closing, DrainView, FleetConfig, Links, Source};
+use wsdrain::kube::PodLink;
 
 type MockHandle = Handle<Request<Body>, Response<Body>>;
 
@@ -326,6 +328,16 @@ const WINDOW: Duration = Duration::from_millis(1000);
 const TICK: Duration = Duration::from_millis(100);
 
 fn start(peers: &[&FakePeer], own: u64, rebalance: bool, budget: Option<f64>) -> Setup {
+    start_with(peers, own, rebalance, budget, None)
+}
+
+fn start_with(
+    peers: &[&FakePeer],
+    own: u64,
+    rebalance: bool,
+    budget: Option<f64>,
+    kube: Option<Arc<PodLink>>,
+) -> Setup {
     let own_addr: SocketAddr = (common::pod_ip(), 19901).into();
     // Our own URL is in the list, as the lab gives every agent the same list, and an
     // unreachable peer too.
@@ -361,7 +373,7 @@ fn start(peers: &[&FakePeer], own: u64, rebalance: bool, budget: Option<f64>) ->
             tick: TICK,
         }),
         rebalance_closes: closes_metric.clone(),
-        kube: None,
+        kube,
         own_addr,
         own_ip: None,
     };
@@ -478,6 +490,58 @@ async fn draining_pods_share_the_fleet_close_budget() {
         || s.drain.rates.lock().unwrap().last() == Some(&Some(30.0)),
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_rebalance_publishes_a_rebalanced_event_and_counts_its_closes() {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let mut handle = Box::pin(handle);
+    let pod = PodRef {
+        name: "ws-0".into(),
+        namespace: "chat".into(),
+    };
+    let link = PodLink::new(kube::Client::new(service, "default"), pod, false)
+        .with_call_timeout(Duration::from_millis(500));
+    let a = fake_peer(serving(10)).await;
+    let s = start_with(&[&a], 60, true, None, Some(Arc::new(link)));
+    // The Event's uid lookup, then the Event, once the window is over.
+    let (req, send) = next(&mut handle).await;
+    assert_eq!(req.method(), Method::GET);
+    assert_eq!(req.uri().to_string(), "/api/v1/namespaces/chat/pods/ws-0");
+    respond(
+        send,
+        200,
+        &json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "ws-0", "namespace": "chat", "uid": "u-1"}}),
+    );
+    let (req, send) = next(&mut handle).await;
+    assert_eq!(req.method(), Method::POST);
+    assert_eq!(
+        req.uri().to_string(),
+        "/apis/events.k8s.io/v1/namespaces/chat/events?"
+    );
+    let bytes = http_body_util::BodyExt::collect(req.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(body["reason"], "Rebalanced");
+    assert_eq!(body["type"], "Normal");
+    assert_eq!(body["action"], "Rebalance");
+    assert_eq!(body["regarding"]["uid"], "u-1");
+    let note = body["note"].as_str().unwrap();
+    // 60 here, 10 on the peer: mean 35, 25 closed.
+    assert!(note.contains("Closed 25 of 25"), "{note}");
+    assert!(note.contains("fleet mean of 35"), "{note}");
+    respond(send, 201, &body);
+    assert_eq!(s.closes_metric.get(), 25);
+    assert_eq!(*s.app.open.lock().unwrap(), 35);
+}
+
+#[test]
+fn the_rebalance_metric_is_exposed() {
+    let text = wsdrain::metrics::Metrics::new().encode();
+    assert!(text.contains("wsdrain_rebalance_closes_total 0"), "{text}");
 }
 
 // ---- the worked autoscaling example ------------------------------------------------------
