@@ -125,8 +125,13 @@ pub fn ready_counts(views: &[PeerView]) -> Vec<i64> {
         .collect()
 }
 
-/// The fleet loop; runs until the process ends.
+/// The fleet loop; runs until the process ends. With peers but neither rebalancing
+/// nor a budget there is nothing to do, and it returns at once.
 pub async fn run(cfg: FleetConfig, links: Links) {
+    if cfg.rebalance.is_none() && cfg.budget.is_none() {
+        tracing::debug!("peers given, but neither --rebalance nor --fleet-close-rate");
+        return;
+    }
     let slices = match &cfg.source {
         Source::Service(service) => match &links.kube {
             Some(link) => Some((
