@@ -41,13 +41,15 @@ pub struct FleetLab {
     pub close_rate: Option<f64>,
 }
 
-/// The agent flags for fleet awareness; `peers` are the agents' base URLs.
+/// The agent flags for fleet awareness; `peers` are the agents' base URLs. Without
+/// peers (`--netns` runs) none: rebalancing and the budget need peers.
 pub fn agent_flags(lab: &FleetLab, peers: &[String]) -> Vec<String> {
     let mut f = Vec::new();
-    if !peers.is_empty() {
-        f.extend(["--peers".to_owned(), peers.join(",")]);
-        f.extend(["--fleet-interval".to_owned(), ms(FLEET_INTERVAL)]);
+    if peers.is_empty() {
+        return f;
     }
+    f.extend(["--peers".to_owned(), peers.join(",")]);
+    f.extend(["--fleet-interval".to_owned(), ms(FLEET_INTERVAL)]);
     if lab.rebalance {
         f.extend(["--rebalance".to_owned(), "true".to_owned()]);
         f.extend(["--rebalance-window".to_owned(), ms(REBALANCE_WINDOW)]);
@@ -474,6 +476,13 @@ mod tests {
                 "50"
             ]
         );
-        assert!(agent_flags(&FleetLab::default(), &[]).is_empty());
+        let all = FleetLab {
+            rebalance: true,
+            close_rate: Some(5.0),
+        };
+        assert!(
+            agent_flags(&all, &[]).is_empty(),
+            "no peers, no fleet flags"
+        );
     }
 }
