@@ -546,15 +546,15 @@ fn the_rebalance_metric_is_exposed() {
 
 // ---- the worked autoscaling example ------------------------------------------------------
 
-fn example(name: &str) -> Vec<serde_yaml::Value> {
+fn example(name: &str) -> Vec<serde_norway::Value> {
     let path = common::repo_path(&format!("deploy/examples/autoscaling/{name}"));
     let text = std::fs::read_to_string(&path).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| <serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap())
+    serde_norway::Deserializer::from_str(&text)
+        .map(|d| <serde_norway::Value as serde::Deserialize>::deserialize(d).unwrap())
         .collect()
 }
 
-fn kind<'a>(docs: &'a [serde_yaml::Value], k: &str) -> &'a serde_yaml::Value {
+fn kind<'a>(docs: &'a [serde_norway::Value], k: &str) -> &'a serde_norway::Value {
     docs.iter()
         .find(|d| d["kind"].as_str() == Some(k))
         .unwrap_or_else(|| panic!("no {k}"))
@@ -604,7 +604,7 @@ fn the_autoscaling_example_validates_and_fits_together() {
     );
 
     let adapter = example("prometheus-adapter.yaml");
-    let rules: serde_yaml::Value = serde_yaml::from_str(
+    let rules: serde_norway::Value = serde_norway::from_str(
         kind(&adapter, "ConfigMap")["data"]["config.yaml"]
             .as_str()
             .unwrap(),
