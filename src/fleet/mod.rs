@@ -132,6 +132,16 @@ pub async fn run(cfg: FleetConfig, links: Links) {
         tracing::debug!("peers given, but neither --rebalance nor --fleet-close-rate");
         return;
     }
+    tracing::info!(
+        peers = %match &cfg.source {
+            Source::Static(urls) => format!("{} listed", urls.len()),
+            Source::Service(s) => format!("EndpointSlices of Service {s}"),
+        },
+        interval_ms = cfg.interval.as_millis() as u64,
+        rebalance = cfg.rebalance.is_some(),
+        fleet_close_rate = cfg.budget.map(|b| b.per_second()),
+        "fleet awareness on"
+    );
     let slices = match &cfg.source {
         Source::Service(service) => match &links.kube {
             Some(link) => Some((
