@@ -400,6 +400,14 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(512))]
 
         #[test]
+        fn any_peer_list_parses_or_names_the_bad_entry(list in "[ -~]{0,200}") {
+            match parse_peer_list(&list) {
+                Ok(urls) => prop_assert!(urls.iter().all(|u| u.scheme_str() == Some("http"))),
+                Err(e) => prop_assert!(!e.is_empty()),
+            }
+        }
+
+        #[test]
         fn any_bytes_parse_or_fail_cleanly(body in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = parse_status(&body);
         }

@@ -398,6 +398,23 @@ pub fn gauge(text: &str, name: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_metrics_text_gives_a_count_or_nothing(text in "(wsdrain_connections[ -~]{0,20}\n|[ -~]{0,40}\n){0,6}") {
+            if let Some(v) = gauge(&text, "wsdrain_connections") {
+                let line = text.lines().any(|l| l.starts_with("wsdrain_connections "));
+                prop_assert!(line, "{} from {:?}", v, text);
+            }
+        }
+
+        #[test]
+        fn the_hpa_rule_stays_in_bounds(current in 1usize..20, metric in 0.0f64..10_000.0, target in 1.0f64..1000.0) {
+            let d = hpa_desired(current, metric, target, 2, 8);
+            prop_assert!((2..=8).contains(&d));
+        }
+    }
 
     #[test]
     fn imbalance_is_max_over_mean() {
