@@ -355,6 +355,7 @@ fn start_with(
         interval: Duration::from_millis(200),
         rebalance: rebalance.then_some(Settings {
             window: WINDOW,
+            warmup: Duration::from_millis(300),
             ..Settings::default()
         }),
         budget: budget.map(|b| Budget::new(b).unwrap()),

@@ -161,6 +161,7 @@ impl FleetArgs {
                 min_excess: self.rebalance_min,
                 window: self.rebalance_window,
                 cooldown: self.rebalance_cooldown,
+                warmup: self.fleet_interval * super::rebalance::WARMUP_INTERVALS,
             }),
             budget,
         }))

@@ -10,6 +10,7 @@ pub mod budget;
 pub mod peers;
 pub mod rebalance;
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -114,14 +115,36 @@ pub fn draining_peers(views: &[PeerView]) -> usize {
         .count()
 }
 
-/// The counts of the ready peers that answered with one.
-pub fn ready_counts(views: &[PeerView]) -> Vec<i64> {
+fn is_ready(v: &PeerView) -> bool {
+    !v.peer.terminating && v.status.is_some_and(|s| !s.draining)
+}
+
+/// Remembers since when each peer has been ready; a peer that is not (draining,
+/// unreachable, gone) starts over.
+pub fn track_ready(since: &mut HashMap<Uri, Instant>, views: &[PeerView], now: Instant) {
+    since.retain(|url, _| views.iter().any(|v| &v.peer.url == url && is_ready(v)));
+    for v in views.iter().filter(|v| is_ready(v)) {
+        since.entry(v.peer.url.clone()).or_insert(now);
+    }
+}
+
+/// The counts of the peers ready for at least `warmup` that answered with one. A new
+/// pod is Ready before the ingress routes to it (endpoint propagation, the ingress's
+/// own sync): closing for it earlier sends the clients back to the old pods.
+pub fn ready_counts(
+    views: &[PeerView],
+    since: &HashMap<Uri, Instant>,
+    now: Instant,
+    warmup: Duration,
+) -> Vec<i64> {
     views
         .iter()
-        .filter(|v| !v.peer.terminating)
-        .filter_map(|v| v.status)
-        .filter(|s| !s.draining)
-        .filter_map(|s| s.count)
+        .filter(|v| {
+            since
+                .get(&v.peer.url)
+                .is_some_and(|t| now.saturating_duration_since(*t) >= warmup)
+        })
+        .filter_map(|v| v.status?.count)
         .collect()
 }
 
@@ -174,8 +197,10 @@ pub async fn run(cfg: FleetConfig, links: Links) {
     let mut rate: Option<f64> = None;
     let mut rebalancing: Option<tokio::task::JoinHandle<()>> = None;
     let mut was_draining = false;
+    let mut ready_since: HashMap<Uri, Instant> = HashMap::new();
     loop {
         let views = poll(&peers_now()).await;
+        track_ready(&mut ready_since, &views, Instant::now());
         let draining = links.drain.is_draining();
         if let Some(budget) = cfg.budget {
             let others = draining_peers(&views);
@@ -201,7 +226,8 @@ pub async fn run(cfg: FleetConfig, links: Links) {
             && !running
             && let Some(own) = own_count(links.counter.as_ref()).await
         {
-            let counts = ready_counts(&views);
+            let warmup = r.settings().warmup;
+            let counts = ready_counts(&views, &ready_since, Instant::now(), warmup);
             if let Decision::Close {
                 sessions,
                 over,
@@ -347,5 +373,52 @@ pub fn rebalanced_event(planned: u64, closed: u64, own: u64, mean: u64, over: Du
         )),
         action: "Rebalance".into(),
         secondary: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(url: &str, status: Option<(&str, i64)>, terminating: bool) -> PeerView {
+        PeerView {
+            peer: Peer {
+                url: url.parse().unwrap(),
+                terminating,
+            },
+            status: status.map(|(state, n)| PeerStatus {
+                count: Some(n),
+                draining: state != "Serving",
+            }),
+        }
+    }
+
+    #[test]
+    fn new_peers_count_after_the_warmup_and_start_over_when_not_ready() {
+        let (t0, s) = (Instant::now(), Duration::from_secs(1));
+        let warmup = 5 * s;
+        let mut since = HashMap::new();
+        let old = view("http://10.0.0.1:1", Some(("Serving", 90)), false);
+        track_ready(&mut since, std::slice::from_ref(&old), t0);
+        let views = [
+            old.clone(),
+            view("http://10.0.0.2:1", Some(("Serving", 0)), false),
+            view("http://10.0.0.3:1", Some(("Closing", 40)), false),
+            view("http://10.0.0.4:1", Some(("Serving", 40)), true),
+            view("http://10.0.0.5:1", None, false),
+        ];
+        track_ready(&mut since, &views, t0 + 5 * s);
+        // The new empty pod does not count yet: the ingress may not route to it.
+        assert_eq!(ready_counts(&views, &since, t0 + 5 * s, warmup), vec![90]);
+        assert_eq!(
+            ready_counts(&views, &since, t0 + 10 * s, warmup),
+            vec![90, 0]
+        );
+        assert_eq!(draining_peers(&views), 2);
+        // Unreachable for a round: it warms up again.
+        let gone = [old.clone()];
+        track_ready(&mut since, &gone, t0 + 11 * s);
+        track_ready(&mut since, &views, t0 + 12 * s);
+        assert_eq!(ready_counts(&views, &since, t0 + 12 * s, warmup), vec![90]);
     }
 }

@@ -19,6 +19,11 @@ use std::time::{Duration, Instant};
 /// The largest count a peer is believed to have; larger ones are clamped. A lying
 /// peer can only raise the mean, which makes this pod close fewer sessions.
 pub const MAX_PEER_SESSIONS: u64 = 1_000_000;
+/// A new peer counts in the mean once it has been ready for this many fleet intervals
+/// (6 s at the default 2 s): about an endpoint's propagation plus an ingress's sync.
+pub const WARMUP_INTERVALS: u32 = 3;
+/// The warm-up at the default fleet interval.
+pub const PEER_WARMUP: Duration = Duration::from_secs(6);
 /// At most 2⁴ = 16 × the cooldown between futile rebalances.
 pub const MAX_BACKOFF_SHIFT: u32 = 4;
 
@@ -30,6 +35,8 @@ pub struct Settings {
     pub min_excess: u64,
     pub window: Duration,
     pub cooldown: Duration,
+    /// How long a peer must have been ready before it counts (see `fleet::ready_counts`).
+    pub warmup: Duration,
 }
 
 impl Default for Settings {
@@ -39,6 +46,7 @@ impl Default for Settings {
             min_excess: 5,
             window: Duration::from_secs(10),
             cooldown: Duration::from_secs(30),
+            warmup: PEER_WARMUP,
         }
     }
 }

@@ -18,6 +18,8 @@ pub const FLEET_INTERVAL: Duration = Duration::from_millis(500);
 /// The lab's rebalance window and cooldown (the agent's defaults are 10 s and 30 s).
 pub const REBALANCE_WINDOW: Duration = Duration::from_secs(2);
 pub const REBALANCE_COOLDOWN: Duration = Duration::from_secs(3);
+/// Bound of one question to a pod's agent or app (a busy machine answers slowly).
+const ASK_TIMEOUT: Duration = Duration::from_secs(3);
 /// Per-pod sessions are sampled this often.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 /// max/mean at or below this is balanced.
@@ -178,9 +180,7 @@ pub struct AutoscaleReport {
 pub async fn pod_sessions(pod: &Pod) -> Option<u64> {
     let get = |port, path| async move {
         let addr = std::net::SocketAddr::new(pod.ip, port);
-        match tokio::time::timeout(Duration::from_secs(1), http_get(addr, path, "wsdrain-lab"))
-            .await
-        {
+        match tokio::time::timeout(ASK_TIMEOUT, http_get(addr, path, "wsdrain-lab")).await {
             Ok(Ok((200, body))) => Some(body),
             _ => None,
         }
@@ -214,7 +214,13 @@ impl Run<'_> {
         let start = Instant::now();
         let mut samples = Vec::new();
         loop {
-            samples.push((start.elapsed(), all_sessions(&self.pods).await));
+            let at = start.elapsed();
+            let mut counts = all_sessions(&self.pods).await;
+            if counts.len() < self.pods.len() {
+                // A pod that did not answer would skew max/mean: ask once more.
+                counts = all_sessions(&self.pods).await;
+            }
+            samples.push((at, counts));
             if start.elapsed() >= total {
                 break;
             }
@@ -380,7 +386,7 @@ async fn pod_metric(pod: &Pod) -> Option<u64> {
     };
     let addr = std::net::SocketAddr::new(pod.ip, port);
     let req = http_get(addr, "/metrics", "wsdrain-lab");
-    match tokio::time::timeout(Duration::from_secs(1), req).await {
+    match tokio::time::timeout(ASK_TIMEOUT, req).await {
         Ok(Ok((200, body))) => gauge(&body, "wsdrain_connections"),
         _ => None,
     }
