@@ -8,7 +8,7 @@ mod common;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -225,6 +225,23 @@ async fn a_forbidden_list_leaves_no_peers_and_is_retried() {
 struct FakePeer {
     addr: SocketAddr,
     body: Arc<Mutex<Value>>,
+    /// `/status` requests answered so far: the rounds of every loop asking it.
+    asked: Arc<AtomicUsize>,
+}
+
+impl FakePeer {
+    fn asked(&self) -> usize {
+        self.asked.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `n` more rounds (of all loops asking) have read this peer.
+    async fn rounds(&self, n: usize) {
+        let want = self.asked() + n;
+        until("rounds of the fleet loop", Duration::from_secs(10), || {
+            self.asked() >= want
+        })
+        .await;
+    }
 }
 
 async fn fake_peer(body: Value) -> FakePeer {
@@ -234,14 +251,18 @@ async fn fake_peer(body: Value) -> FakePeer {
     let addr = listener.local_addr().unwrap();
     let body = Arc::new(Mutex::new(body));
     let served = body.clone();
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counter = asked.clone();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
             let body = served.clone();
+            let asked = counter.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    asked.fetch_add(1, Ordering::SeqCst);
                     let body = body.lock().unwrap().to_string();
                     async move {
                         assert_eq!(req.uri().path(), "/status");
@@ -254,7 +275,7 @@ async fn fake_peer(body: Value) -> FakePeer {
             });
         }
     });
-    FakePeer { addr, body }
+    FakePeer { addr, body, asked }
 }
 
 fn serving(sessions: i64) -> Value {
@@ -411,8 +432,9 @@ async fn an_overloaded_pod_closes_its_excess_paced_with_1012_and_a_growing_hint(
     // Paced: one batch per tick over the window, not one burst.
     assert!(closes.len() >= 9, "{} batches", closes.len());
     let span = closes.last().unwrap().0 - closes[0].0;
+    // (The upper bound only says it does not drag on; a busy machine delays ticks.)
     assert!(
-        span >= WINDOW - 2 * TICK && span <= WINDOW + 3 * TICK,
+        span >= WINDOW - 2 * TICK && span <= 2 * WINDOW,
         "closes spread over {span:?}"
     );
     let hints: Vec<u64> = closes.iter().map(|(_, r)| hint_ms(&r.reason)).collect();
@@ -420,7 +442,7 @@ async fn an_overloaded_pod_closes_its_excess_paced_with_1012_and_a_growing_hint(
     assert!(hints[0] < 300 && *hints.last().unwrap() > 1500, "{hints:?}");
     assert_eq!(s.closes_metric.get(), 45);
     // Cooldown: the old peer is still at 90, but this pod closes nothing more.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    a.rounds(4).await;
     assert_eq!(s.app.closes.lock().unwrap().len(), closes.len());
 }
 
@@ -430,13 +452,14 @@ async fn a_balanced_fleet_and_a_draining_pod_close_nothing() {
     let balanced = start(&[&a, &b], 54, true, None);
     let draining = start(&[&a, &b], 300, true, None);
     draining.drain.draining.store(true, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Past the peers' warm-up (300 ms at 200 ms a round), for both loops.
+    a.rounds(8).await;
     assert!(balanced.app.closes.lock().unwrap().is_empty());
     assert!(draining.app.closes.lock().unwrap().is_empty());
     // Peers that lie (negative, huge) do not make a pod close more than the honest mean.
     *a.body.lock().unwrap() = serving(-1000);
     *b.body.lock().unwrap() = serving(i64::MAX);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.rounds(6).await;
     assert!(balanced.app.closes.lock().unwrap().is_empty());
 }
 
@@ -450,7 +473,7 @@ async fn a_drain_stops_a_running_rebalance() {
     .await;
     s.drain.draining.store(true, Ordering::SeqCst);
     let n = s.app.closes.lock().unwrap().len();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.rounds(3).await;
     assert!(
         s.app.closes.lock().unwrap().len() <= n + 1,
         "closes went on during the drain"
