@@ -8,6 +8,7 @@ pub mod api;
 pub mod conn;
 pub mod drain;
 pub mod echo;
+pub mod fleet;
 pub mod http1;
 pub mod inject;
 pub mod kube;

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub count_errors: Counter,
     pub kube_failures: Gauge,
     pub vanished: Counter,
+    pub rebalance_closes: Counter,
 }
 
 impl Default for Metrics {
@@ -64,6 +65,7 @@ impl Metrics {
             count_errors: Counter::default(),
             kube_failures: Gauge::default(),
             vanished: Counter::default(),
+            rebalance_closes: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -122,6 +124,11 @@ impl Metrics {
             "connections_vanished",
             "Connections that went away during a drain without a close requested for them (app died, resets)",
             m.vanished.clone(),
+        );
+        registry.register(
+            "rebalance_closes",
+            "Sessions closed to move clients to less loaded pods",
+            m.rebalance_closes.clone(),
         );
         let m = Metrics { registry, ..m };
         m.set_phase(Phase::Serving);

@@ -153,6 +153,9 @@ pub struct AgentArgs {
         value_parser = parse_path
     )]
     pub termination_log: PathBuf,
+
+    #[command(flatten)]
+    pub fleet: crate::fleet::args::FleetArgs,
 }
 
 /// Checked agent settings. Built only by `AgentArgs::validate`.
@@ -185,6 +188,9 @@ pub struct AgentConfig {
     pub state_dir: Option<PathBuf>,
     /// Accepted but risky settings, logged loudly at start.
     pub warnings: Vec<String>,
+    /// Peers, rebalancing and the fleet close budget; `None`: off.
+    pub fleet: Option<crate::fleet::FleetConfig>,
+    pub pod_ip: Option<IpAddr>,
 }
 
 const MAX_TOKEN_LEN: usize = 256;
@@ -297,6 +303,7 @@ impl AgentArgs {
             _ => None,
         };
         let termination_log = Some(self.termination_log).filter(|p| !p.as_os_str().is_empty());
+        let fleet = self.fleet.validate()?;
 
         Ok(AgentConfig {
             listen: self.listen,
@@ -325,6 +332,8 @@ impl AgentArgs {
             termination_log,
             state_dir: self.state_dir.filter(|p| !p.as_os_str().is_empty()),
             warnings,
+            fleet,
+            pod_ip: self.fleet.pod_ip,
         })
     }
 }

@@ -17,7 +17,8 @@ use crate::api::{self, Guard};
 use crate::conn::{Counter, Filter, SocketCounter};
 use crate::drain::report::{Notice, Trigger};
 use crate::drain::runner::{Drainer, Parts};
-use crate::drain::seams::SessionCloser;
+use crate::drain::seams::{SessionCloser, SessionCounter};
+use crate::fleet;
 use crate::kube::{self, PodLink};
 use crate::metrics::Metrics;
 use crate::signals;
@@ -59,13 +60,13 @@ impl Agent {
         let closer = cfg.admin_url.clone().map(|url| {
             Arc::new(AdminClient::new(url, cfg.admin_timeout)) as Arc<dyn SessionCloser>
         });
-        let counter = if cfg.poll_only {
+        let counter: Arc<dyn SessionCounter> = Arc::new(if cfg.poll_only {
             SocketCounter::new(counter)
         } else {
             SocketCounter::event_driven(counter)
-        };
+        });
         let parts = Parts {
-            counter: Arc::new(counter),
+            counter: counter.clone(),
             closer,
             close_code: cfg.close_code,
             hint: cfg.hint.clone(),
@@ -109,6 +110,10 @@ impl Agent {
             metrics.clone(),
             guard,
         ));
+        if let Some(fleet) = cfg.fleet.clone() {
+            let links = fleet_links(&cfg, &drainer, counter, &metrics, link.clone(), local_addr);
+            tokio::spawn(fleet::run(fleet, links));
+        }
         if let Some(link) = link {
             spawn_kube(link, &drainer, &metrics);
         }
@@ -124,6 +129,33 @@ impl Agent {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+}
+
+/// What the fleet loop talks to: the drain, its counter and closer (the rebalancer is
+/// one more user of the drain's seams), the metric and the pod's API link.
+fn fleet_links(
+    cfg: &AgentConfig,
+    drainer: &Drainer,
+    counter: Arc<dyn SessionCounter>,
+    metrics: &Metrics,
+    link: Option<Arc<PodLink>>,
+    own_addr: SocketAddr,
+) -> fleet::Links {
+    fleet::Links {
+        drain: Arc::new(drainer.clone()),
+        counter,
+        closing: drainer.closer().map(|closer| fleet::Closing {
+            closer,
+            code: cfg.close_code,
+            hint: cfg.hint.clone(),
+            reconnect_after: cfg.drain_settings().reconnect_after,
+            tick: cfg.close_tick,
+        }),
+        rebalance_closes: metrics.rebalance_closes.clone(),
+        kube: link,
+        own_addr,
+        own_ip: cfg.pod_ip,
     }
 }
 

@@ -102,6 +102,10 @@ struct Closing {
     failures_in_row: u32,
     /// The close rate in force, unless the deadline overrides it.
     rate: Option<f64>,
+    /// The window the hint grows over, fixed at the first batch: re-fitting the window
+    /// later (a close rate, a node too busy to keep the tick) must not make the hint
+    /// fall back or jump, which would bunch the reconnects.
+    hint_window: Option<Duration>,
 }
 
 /// One drain, from its trigger on.
@@ -450,6 +454,7 @@ impl Timeline {
                 in_flight: false,
                 failures_in_row: 0,
                 rate: None,
+                hint_window: None,
             });
         }
         self.replan(now);
@@ -492,10 +497,13 @@ impl Timeline {
             c.window_end.saturating_duration_since(now),
             tick,
         );
+        let hint_window = *c
+            .hint_window
+            .get_or_insert(c.window_end.saturating_duration_since(c.window_start));
         let after = pacing::hint_delay(
             range,
             now.saturating_duration_since(c.window_start),
-            c.window_end.saturating_duration_since(c.window_start),
+            hint_window,
         );
         c.batches += 1;
         c.in_flight = true;
