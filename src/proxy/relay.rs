@@ -335,14 +335,21 @@ pub async fn run(
         }
         if let Some(c) = &mut closing {
             if now >= c.deadline {
-                return Ending::CloseTimeout;
+                return match &c.ending {
+                    Ending::Drained | Ending::Relayed => Ending::CloseTimeout,
+                    failed => failed.clone(),
+                };
             }
             if now >= c.boundary_at && down.mode == Mode::Hold(Stop::MessageBoundary) {
                 down.mode = Mode::Hold(Stop::FrameStart);
                 down.scan().ok();
             }
             place_close(&mut down, &mut c.to_client);
-            place_close(&mut up, &mut c.to_app);
+            // The app's Close only after the client's is placed: the app's answer must
+            // not overtake the client's Close on its way out.
+            if c.to_client.is_none() {
+                place_close(&mut up, &mut c.to_app);
+            }
         }
         down.write(&client);
         up.write(&app);
@@ -373,7 +380,11 @@ pub async fn run(
             up.shut = true;
             let _ = app.shutdown().await;
         }
-        if up.eof && down.eof && !up.pending_write() && !down.pending_write() {
+        // Towards the client we are the server: once its Close answer is in and our
+        // FIN out, the session is over for it (RFC 6455 §7.1.1), without waiting for its
+        // FIN. Towards the app we are the client: the app closes the TCP first.
+        let client_finished = up.eof || (client_done && down.shut);
+        if client_finished && down.eof && !up.pending_write() && !down.pending_write() {
             return match closing {
                 Some(c) => c.ending,
                 None => Ending::Relayed,
@@ -415,6 +426,13 @@ fn place_close(pipe: &mut Pipe, frame: &mut Option<Vec<u8>>) {
     let Mode::Hold(stop) = pipe.mode else {
         return;
     };
+    if pipe.close_seen {
+        // The endpoint sent its own Close meanwhile (it may, between fragments): that
+        // one stands, ours is not sent.
+        frame.take();
+        pipe.mode = Mode::Discard;
+        return;
+    }
     if pipe.tracker.reached(stop)
         && let Some(f) = frame.take()
     {
