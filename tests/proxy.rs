@@ -720,3 +720,143 @@ async fn python_websockets_clients_get_code_and_hint_through_the_proxy() {
 async fn node_ws_clients_get_code_and_hint_through_the_proxy() {
     client_script_through_proxy("node", "tests/clients/ws_client.js").await;
 }
+
+/// `tests/clients/proxy_app.py` (Python `websockets` server, no admin API) on a loopback
+/// address of its own; its stdout carries one JSON line per ended session.
+struct PyApp {
+    proc: common::Proc,
+    addr: SocketAddr,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+fn start_python_app() -> PyApp {
+    use std::io::BufRead;
+    let ip = common::pod_ip();
+    let addr = SocketAddr::new(ip, common::free_port(ip));
+    let mut cmd = std::process::Command::new(common::venv_python());
+    cmd.arg(common::repo_path("tests/clients/proxy_app.py"))
+        .args([ip.to_string(), addr.port().to_string()])
+        .stdout(std::process::Stdio::piped());
+    let mut proc = common::Proc::spawn("proxy_app.py", &mut cmd);
+    let stdout = proc.child.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    assert_eq!(
+        lines.recv_timeout(Duration::from_secs(20)).unwrap(),
+        "LISTENING"
+    );
+    PyApp { proc, addr, lines }
+}
+
+impl PyApp {
+    /// The next `n` ended sessions: (close code the app received, unix time).
+    fn ended(&self, n: usize, limit: Duration) -> Vec<(u64, f64)> {
+        let end = Instant::now() + limit;
+        let mut out = Vec::new();
+        while out.len() < n {
+            let left = end.saturating_duration_since(Instant::now());
+            let Ok(line) = self.lines.recv_timeout(left) else {
+                panic!("only {} of {n} sessions ended: {out:?}", out.len());
+            };
+            let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            out.push((v["code"].as_u64().unwrap(), v["t"].as_f64().unwrap()));
+        }
+        out
+    }
+}
+
+/// A client script started against `url`; `ready()` waits for READY, `report()` for the
+/// JSON line.
+struct Script {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Script {
+    fn start(program: &str, script: &str, url: &str, count: usize, timeout_s: u32) -> Script {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(program)
+            .arg(common::repo_path(script))
+            .args([url.to_owned(), count.to_string(), timeout_s.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{program} {script}: {e}"));
+        let lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        Script { child, lines }
+    }
+
+    async fn ready(&mut self) {
+        let line = tokio::time::timeout(Duration::from_secs(60), self.lines.next_line())
+            .await
+            .expect("READY in time")
+            .unwrap();
+        assert_eq!(line.as_deref(), Some("READY"));
+    }
+
+    async fn report(mut self) -> Value {
+        let line = tokio::time::timeout(Duration::from_secs(60), self.lines.next_line())
+            .await
+            .expect("report in time")
+            .unwrap()
+            .expect("a report line");
+        let _ = self.child.wait().await;
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    }
+}
+
+/// Every client closed with 1012 and a JSON reconnect hint; no errors, no bad messages.
+fn assert_clean_1012(report: &Value, count: u64) {
+    assert_eq!(report["opened"], count, "{report}");
+    assert_eq!(report["still_open"], 0, "{report}");
+    assert_eq!(report["errors"], serde_json::json!([]), "{report}");
+    assert_eq!(report["bad_messages"].as_u64().unwrap_or(0), 0, "{report}");
+    let closes = report["closes"].as_array().unwrap();
+    assert_eq!(closes.len() as u64, count, "{report}");
+    for c in closes {
+        assert_eq!(c["code"], 1012, "{report}");
+        let hint: Value = serde_json::from_str(c["reason"].as_str().unwrap()).unwrap();
+        assert!(hint["reconnect_after_ms"].is_u64(), "{report}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_app_streaming_compressed_fragments_is_closed_at_message_boundaries() {
+    let app = start_python_app();
+    let (proxy, addr) = start_proxy(app.addr, timeouts(Duration::from_secs(1))).await;
+    let mut streams = Script::start(
+        common::venv_python().to_str().unwrap(),
+        "tests/clients/stream_client.py",
+        &format!("ws://{addr}/stream"),
+        10,
+        20,
+    );
+    streams.ready().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(close(&proxy, 10).await, (10, 0));
+    let report = streams.report().await;
+    assert_clean_1012(&report, 10);
+    assert!(report["messages"].as_u64().unwrap() >= 10, "{report}");
+    let ended = app.ended(10, Duration::from_secs(10));
+    assert!(ended.iter().all(|(code, _)| *code == 1001), "{ended:?}");
+    let stats = proxy.stats();
+    wait_for("all drained", Duration::from_secs(5), || {
+        stats.snapshot().drained == 10
+    })
+    .await;
+    let (status, body) =
+        tokio::task::spawn_blocking(move || common::http("GET", addr, "/healthz", &[]))
+            .await
+            .unwrap();
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    drop(app.proc);
+}
