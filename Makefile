@@ -33,6 +33,7 @@ bench: deps
 	$(CARGO) bench --bench count
 	$(CARGO) bench --bench agent
 	$(CARGO) bench --bench webhook
+	$(CARGO) bench --bench proxy
 
 # The agent bench on the static musl binary the Dockerfile ships (fat LTO: ~9 min cold).
 bench-image: deps
