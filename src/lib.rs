@@ -1,11 +1,10 @@
 //! wsdrain: graceful pod termination for WebSocket services.
-//! See DESIGN.md in docs/ for the contracts every module shares.
+//! docs/architecture.md maps the modules; docs/ holds the contracts they share.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod agent;
 pub mod api;
-pub mod config;
 pub mod conn;
 pub mod drain;
 pub mod echo;
@@ -19,5 +18,6 @@ pub mod net;
 pub mod prestop;
 pub mod proxy;
 pub mod signals;
+pub mod units;
 pub mod webhook;
 pub mod wrap;

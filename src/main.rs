@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use wsdrain::config::{AgentArgs, LogFormat};
+use wsdrain::agent::config::AgentArgs;
+use wsdrain::logging::LogFormat;
 
 #[derive(Parser)]
 #[command(
