@@ -30,6 +30,11 @@ pub struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabel {
+    pub event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: &'static str,
 }
@@ -47,6 +52,8 @@ pub struct Metrics {
     pub admin_requests: Family<ResultLabel, Counter>,
     pub count_errors: Counter,
     pub kube_failures: Gauge,
+    /// Proxy mode's totals (sessions, drained, bad frames, …), copied from the proxy.
+    pub proxy_events: Family<EventLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -69,6 +76,7 @@ impl Metrics {
             admin_requests: Family::default(),
             count_errors: Counter::default(),
             kube_failures: Gauge::default(),
+            proxy_events: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -127,6 +135,11 @@ impl Metrics {
             "kube_api_failures",
             "Failed Kubernetes API calls",
             m.kube_failures.clone(),
+        );
+        registry.register(
+            "proxy_events",
+            "Proxy mode totals by event: sessions, drained, close_timeouts, bad_frames_client, bad_frames_app, stalled, upstream_errors",
+            m.proxy_events.clone(),
         );
         let m = Metrics { registry, ..m };
         m.set_phase(Phase::Serving);

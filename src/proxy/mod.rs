@@ -21,7 +21,7 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 
 pub use relay::Timeouts;
-pub use table::{Table, TableCloser, TableCounter};
+pub use table::{Table, TableAndSockets, TableCloser, TableCounter};
 
 /// One `--proxy LISTEN=UPSTREAM` route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +87,21 @@ pub struct StatsSnapshot {
     pub stalled: u64,
     /// Requests answered 502 because the app could not be reached.
     pub upstream_errors: u64,
+}
+
+impl StatsSnapshot {
+    /// (name, value) for each counter, names as in the struct.
+    pub fn pairs(&self) -> [(&'static str, u64); 7] {
+        [
+            ("sessions", self.sessions),
+            ("drained", self.drained),
+            ("close_timeouts", self.close_timeouts),
+            ("bad_frames_client", self.bad_frames_client),
+            ("bad_frames_app", self.bad_frames_app),
+            ("stalled", self.stalled),
+            ("upstream_errors", self.upstream_errors),
+        ]
+    }
 }
 
 impl Stats {

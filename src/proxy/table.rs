@@ -216,6 +216,38 @@ impl SessionCounter for TableCounter {
     }
 }
 
+/// The proxy's table plus a socket counter for the ports it does not proxy. Table ids
+/// get the top bit set so they never collide with socket cookies or inodes.
+pub struct TableAndSockets {
+    pub table: TableCounter,
+    pub sockets: Arc<dyn SessionCounter>,
+}
+
+const TABLE_ID_TAG: u64 = 1 << 63;
+
+impl SessionCounter for TableAndSockets {
+    fn snapshot(&self) -> BoxFuture<'_, Result<Snapshot, CountError>> {
+        Box::pin(async move {
+            let mut ids = self.sockets.snapshot().await?.ids;
+            ids.extend(
+                self.table
+                    .0
+                    .snapshot_ids()
+                    .into_iter()
+                    .map(|id| id | TABLE_ID_TAG),
+            );
+            ids.sort_unstable();
+            ids.dedup();
+            Ok(Snapshot { ids })
+        })
+    }
+
+    fn changed(&self) -> BoxFuture<'_, ()> {
+        // Sockets have no events: they are polled; the table wakes the drain.
+        self.table.changed()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,6 +295,32 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), changed)
             .await
             .expect("change seen");
+    }
+
+    struct Fixed(Vec<u64>);
+    impl SessionCounter for Fixed {
+        fn snapshot(&self) -> BoxFuture<'_, Result<Snapshot, CountError>> {
+            let ids = self.0.clone();
+            Box::pin(async move { Ok(Snapshot { ids }) })
+        }
+    }
+
+    #[tokio::test]
+    async fn table_and_sockets_count_both_without_id_clashes() {
+        let table = Arc::new(Table::default());
+        let reg = table.open_http();
+        let both = TableAndSockets {
+            table: TableCounter(table.clone()),
+            sockets: Arc::new(Fixed(vec![reg.id, 77])),
+        };
+        let ids = both.snapshot().await.unwrap().ids;
+        assert_eq!(ids.len(), 3, "{ids:?}");
+        let changed = both.changed();
+        drop(reg);
+        tokio::time::timeout(Duration::from_secs(1), changed)
+            .await
+            .unwrap();
+        assert_eq!(both.snapshot().await.unwrap().ids.len(), 2);
     }
 
     #[tokio::test]
