@@ -860,3 +860,156 @@ async fn python_app_streaming_compressed_fragments_is_closed_at_message_boundari
     assert_eq!((status, body.as_str()), (200, "ok\n"));
     drop(app.proc);
 }
+
+/// The acceptance run: an app nobody here wrote (Python `websockets`, no admin
+/// API) behind `wsdrain agent --proxy`; 300 clients (Python and Node echo, Python
+/// streaming large fragmented messages) all get 1012 with the hint, paced over the close
+/// window; the app sees a Close on every session; no protocol errors; the hook answers
+/// within 350 ms of the last close; plain HTTP is answered by the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_proxy_drains_an_app_nobody_here_wrote() {
+    const WINDOW_S: f64 = 3.0;
+    let app = start_python_app();
+    let ip = app.addr.ip();
+    let listen = SocketAddr::new(ip, common::free_port(ip));
+    let api = SocketAddr::new(ip, common::free_port(ip));
+    let mut cmd = std::process::Command::new(common::wsdrain_bin());
+    cmd.arg("agent")
+        .args(["--proxy", &format!("{listen}={}", app.addr)])
+        .args(["--listen", &api.to_string(), "--address", &ip.to_string()])
+        .args(["--no-kube", "--termination-log", "", "--log-format", "text"])
+        .args([
+            "--settle-min",
+            "300ms",
+            "--settle-quiet",
+            "200ms",
+            "--settle-max",
+            "2s",
+        ])
+        .args(["--close-window", "3s", "--drain-timeout", "20s"]);
+    if std::env::var_os("WSDRAIN_TEST_LOGS").is_none() {
+        cmd.stderr(std::process::Stdio::null());
+    }
+    let _agent = common::Proc::spawn("agent", &mut cmd);
+    common::wait_listening(listen, Duration::from_secs(10));
+    common::wait_listening(api, Duration::from_secs(10));
+
+    let (status, body) =
+        tokio::task::spawn_blocking(move || common::http("GET", listen, "/healthz", &[]))
+            .await
+            .unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "ok\n"),
+        "plain HTTP through the proxy"
+    );
+
+    let python = common::venv_python();
+    let python = python.to_str().unwrap();
+    let mut scripts = [
+        (
+            Script::start(
+                python,
+                "tests/clients/ws_client.py",
+                &format!("ws://{listen}/echo"),
+                120,
+                30,
+            ),
+            120,
+        ),
+        (
+            Script::start(
+                "node",
+                "tests/clients/ws_client.js",
+                &format!("ws://{listen}/echo"),
+                120,
+                30,
+            ),
+            120,
+        ),
+        (
+            Script::start(
+                python,
+                "tests/clients/stream_client.py",
+                &format!("ws://{listen}/stream"),
+                60,
+                30,
+            ),
+            60,
+        ),
+    ];
+    for (s, _) in scripts.iter_mut() {
+        s.ready().await;
+    }
+
+    let hook = tokio::task::spawn_blocking(move || {
+        let (status, body) = common::http("GET", api, "/prestop", &[]);
+        (status, body, std::time::SystemTime::now())
+    });
+    let mut reports = Vec::new();
+    for (s, n) in scripts {
+        reports.push((s.report().await, n));
+    }
+    let (status, body, hook_at) = hook.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let summary: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(summary["outcome"], "Drained", "{summary}");
+
+    let mut at_ms = Vec::new();
+    for (report, n) in &reports {
+        assert_clean_1012(report, *n);
+        at_ms.extend(
+            report["closes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["at_ms"].as_u64().unwrap()),
+        );
+    }
+    assert!(
+        reports[2].0["messages"].as_u64().unwrap() > 60,
+        "the streams ran: {}",
+        reports[2].0
+    );
+    // Paced: the closes spread over most of the window, not all at once.
+    at_ms.sort_unstable();
+    let spread = (at_ms[at_ms.len() - 1] - at_ms[0]) as f64 / 1000.0;
+    assert!(
+        spread >= WINDOW_S * 0.5,
+        "closes spread over {spread:.2}s only"
+    );
+
+    let ended = app.ended(300, Duration::from_secs(10));
+    let not_1001: Vec<_> = ended.iter().filter(|(code, _)| *code != 1001).collect();
+    assert!(
+        not_1001.is_empty(),
+        "the app must see Close 1001 on every session: {not_1001:?}"
+    );
+    let last_close = ended.iter().map(|(_, t)| *t).fold(f64::MIN, f64::max);
+    let hook_s = hook_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let lag = hook_s - last_close;
+    println!(
+        "closes spread over {spread:.2}s; hook answered {:.0} ms after the last close",
+        lag * 1e3
+    );
+    assert!(lag <= 0.35, "hook answered {lag:.3}s after the last close");
+
+    let (_, metrics) =
+        tokio::task::spawn_blocking(move || common::http("GET", api, "/metrics", &[]))
+            .await
+            .unwrap();
+    for zero in [
+        "bad_frames_client",
+        "bad_frames_app",
+        "close_timeouts",
+        "stalled",
+        "upstream_errors",
+    ] {
+        let line = format!("wsdrain_proxy_events{{event=\"{zero}\"}} 0");
+        assert!(metrics.contains(&line), "{line} missing in:\n{metrics}");
+    }
+    drop(app.proc);
+}
