@@ -96,7 +96,12 @@ fn main() {
         .build()
         .expect("runtime");
     let mut rows = Vec::new();
-    for target in [Target::Direct, Target::Wsdrain, Target::Haproxy, Target::Nginx] {
+    for target in [
+        Target::Direct,
+        Target::Wsdrain,
+        Target::Haproxy,
+        Target::Nginx,
+    ] {
         let started = match start(target, &bin, ip, app, dir.path(), pinned) {
             Ok(s) => s,
             Err(why) => {
@@ -122,11 +127,18 @@ fn main() {
         drop(proc);
     }
     report(&rows);
-    println!("proxy bench done in {:.0} s", started.elapsed().as_secs_f64());
+    println!(
+        "proxy bench done in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 fn report(rows: &[(Target, Option<Row>)]) {
-    let get = |t: Target| rows.iter().find(|(x, _)| *x == t).and_then(|(_, r)| r.clone());
+    let get = |t: Target| {
+        rows.iter()
+            .find(|(x, _)| *x == t)
+            .and_then(|(_, r)| r.clone())
+    };
     let Some(direct) = get(Target::Direct) else {
         return;
     };
@@ -225,7 +237,7 @@ fn start(
             std::fs::write(
                 &cfg,
                 format!(
-                    "global\n  maxconn 20000\n  nbthread 1\n\
+                    "global\n  maxconn 9500\n  nbthread 1\n\
                      defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  timeout tunnel 1h\n\
                      frontend fe\n  bind {listen}\n  default_backend be\n\
                      backend be\n  server app {app}\n"
@@ -258,7 +270,10 @@ fn start(
             )
             .map_err(|e| e.to_string())?;
             let mut cmd = Command::new(which("nginx")?);
-            cmd.arg("-p").arg(&prefix).arg("-c").arg(prefix.join("nginx.conf"));
+            cmd.arg("-p")
+                .arg(&prefix)
+                .arg("-c")
+                .arg(prefix.join("nginx.conf"));
             cmd.args(["-e", "stderr"]);
             spawn("nginx", core, &mut cmd)
         }
@@ -280,7 +295,9 @@ fn which(name: &str) -> Result<PathBuf, String> {
             return Ok(p);
         }
     }
-    Err(format!("{name} not installed (scripts/setup-deps.sh installs it)"))
+    Err(format!(
+        "{name} not installed (scripts/setup-deps.sh installs it)"
+    ))
 }
 
 async fn measure(addr: SocketAddr, pid: Option<i32>) -> Row {
@@ -293,7 +310,8 @@ async fn measure(addr: SocketAddr, pid: Option<i32>) -> Row {
         let after = rss_kib(pid);
         row.sessions = held.len();
         if !held.is_empty() {
-            row.rss_per_session = Some((after.saturating_sub(before) * 1024) as f64 / held.len() as f64);
+            row.rss_per_session =
+                Some((after.saturating_sub(before) * 1024) as f64 / held.len() as f64);
         }
         if held.len() < SESSIONS {
             row.note = format!(" (only {} of {SESSIONS} sessions opened)", held.len());
@@ -308,14 +326,18 @@ async fn measure(addr: SocketAddr, pid: Option<i32>) -> Row {
     row
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect(addr: SocketAddr) -> Option<Ws> {
     let url = format!("ws://{addr}/");
-    let (ws, _) = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(url))
-        .await
-        .ok()?
-        .ok()?;
+    let (ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .ok()?
+    .ok()?;
     Some(ws)
 }
 
@@ -340,7 +362,11 @@ async fn ping_pong(addr: SocketAddr) -> (f64, f64) {
         }
     }
     rtts.sort_by(f64::total_cmp);
-    let pct = |p: f64| rtts.get(((rtts.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(f64::NAN);
+    let pct = |p: f64| {
+        rtts.get(((rtts.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
     (pct(0.50), pct(0.99))
 }
 
@@ -419,7 +445,13 @@ fn rss_kib(pid: i32) -> u64 {
 /// Pins this process (and the threads it starts later) to CLIENT_CORE.
 fn pin_self() -> bool {
     Command::new("taskset")
-        .args(["-a", "-p", "-c", CLIENT_CORE, &std::process::id().to_string()])
+        .args([
+            "-a",
+            "-p",
+            "-c",
+            CLIENT_CORE,
+            &std::process::id().to_string(),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -431,7 +463,10 @@ fn spawn(name: &str, core: Option<&str>, cmd: &mut Command) -> Proc {
     let mut cmd = match core {
         Some(core) => {
             let mut pinned = Command::new("taskset");
-            pinned.args(["-c", core]).arg(cmd.get_program()).args(cmd.get_args());
+            pinned
+                .args(["-c", core])
+                .arg(cmd.get_program())
+                .args(cmd.get_args());
             for (k, v) in cmd.get_envs() {
                 if let Some(v) = v {
                     pinned.env(k, v);
@@ -472,6 +507,9 @@ fn machine() -> String {
     format!(
         "{} cpus, load average {}",
         thread::available_parallelism().map_or(0, |n| n.get()),
-        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     )
 }

@@ -259,8 +259,17 @@ fn feed_in_chunks(
     Ok((frame_starts, closes))
 }
 
+/// 200 cases per property in `make test`; `make fuzz` sets PROPTEST_CASES far higher.
+fn config() -> ProptestConfig {
+    let mut c = ProptestConfig::default();
+    if std::env::var_os("PROPTEST_CASES").is_none() {
+        c.cases = 200;
+    }
+    c
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+    #![proptest_config(config())]
 
     /// Any valid stream, cut anywhere: every byte is used, and the tracker only ever
     /// claims a frame start where one frame ends, and sees each Close where it ends.
