@@ -9,7 +9,11 @@
 //! - messages per second with the proxy pinned to one core (`taskset`), 50 connections
 //!   with 8 messages in flight each; the app and this process share the other core;
 //! - RSS per idle WebSocket session: the proxy's VmRSS with 5k idle sessions open minus
-//!   before, divided by 5k.
+//!   before, divided by 5k;
+//! - hook release after the last proxied session is gone: per round a fresh agent with
+//!   20 sessions; /prestop; the proxy closes them (paced); the figure is the /prestop
+//!   answer minus the moment the last client saw its TCP connection end (the session
+//!   leaves the proxy's table as its sockets close). Goal p95 <= 10 ms.
 //!
 //! The wsdrain binary is `WSDRAIN_BENCH_BIN` if set, else `target/release/wsdrain`, else
 //! `target/debug/wsdrain` (then the figures are not the release goal). Every child is
@@ -37,6 +41,9 @@ const LOAD_TIME: Duration = Duration::from_secs(4);
 const SESSIONS: usize = 5_000;
 /// The proxy under test runs on one core; the app and the clients on the other.
 const PROXY_CORE: &str = "1";
+const RELEASE_ROUNDS: usize = 30;
+const RELEASE_SESSIONS: usize = 20;
+const GOAL_RELEASE_P95_MS: f64 = 10.0;
 const CLIENT_CORE: &str = "0";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -127,6 +134,7 @@ fn main() {
         drop(proc);
     }
     report(&rows);
+    release(&rt, &bin, ip, app, pinned);
     println!(
         "proxy bench done in {:.0} s",
         started.elapsed().as_secs_f64()
@@ -202,6 +210,97 @@ fn report(rows: &[(Target, Option<Row>)]) {
             }
         );
     }
+}
+
+/// Hook release latency after the last proxied session is gone, over fresh agents.
+fn release(rt: &tokio::runtime::Runtime, bin: &Path, ip: IpAddr, app: SocketAddr, pinned: bool) {
+    let mut lat = Vec::new();
+    let mut failed = 0;
+    for _ in 0..RELEASE_ROUNDS {
+        match rt.block_on(release_round(bin, ip, app, pinned.then_some(PROXY_CORE))) {
+            Some(d) => lat.push(d.as_secs_f64() * 1e3),
+            None => failed += 1,
+        }
+    }
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let p95 = pct(0.95);
+    println!();
+    println!(
+        "hook release after the last proxied session: p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms ({} rounds, {failed} failed)  (goal p95 <= {GOAL_RELEASE_P95_MS} ms: {})",
+        pct(0.5),
+        p95,
+        lat.last().copied().unwrap_or(f64::NAN),
+        lat.len(),
+        verdict(p95 <= GOAL_RELEASE_P95_MS && failed == 0)
+    );
+}
+
+async fn release_round(
+    bin: &Path,
+    ip: IpAddr,
+    app: SocketAddr,
+    core: Option<&str>,
+) -> Option<Duration> {
+    let listen = SocketAddr::new(ip, free_port(ip));
+    let api = SocketAddr::new(ip, free_port(ip));
+    let mut cmd = Command::new(bin);
+    cmd.arg("agent")
+        .args(["--proxy", &format!("{listen}={app}")])
+        .args(["--listen", &api.to_string(), "--address", &ip.to_string()])
+        .args(["--no-kube", "--termination-log", "", "--log-format", "text"])
+        .args([
+            "--settle-min",
+            "200ms",
+            "--settle-quiet",
+            "100ms",
+            "--settle-max",
+            "1s",
+        ])
+        .args([
+            "--close-window",
+            "300ms",
+            "--close-tick",
+            "50ms",
+            "--drain-timeout",
+            "10s",
+        ])
+        .env("RUST_LOG", "warn");
+    let _agent = spawn("wsdrain", core, &mut cmd);
+    let end = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect_timeout(&api, Duration::from_millis(100)).is_err() {
+        if Instant::now() > end {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut ended = Vec::new();
+    for _ in 0..RELEASE_SESSIONS {
+        let mut ws = connect(listen).await?;
+        ended.push(tokio::spawn(async move {
+            while let Ok(Some(Ok(_))) =
+                tokio::time::timeout(Duration::from_secs(15), ws.next()).await
+            {}
+            Instant::now()
+        }));
+    }
+    let hook = tokio::task::spawn_blocking(move || {
+        let (status, body) = common::http("GET", api, "/prestop", &[]);
+        (status, body, Instant::now())
+    });
+    let mut last = None;
+    for e in ended {
+        let at = e.await.ok()?;
+        last = Some(last.map_or(at, |l: Instant| l.max(at)));
+    }
+    let (status, body, answered) = hook.await.ok()?;
+    let drained = body.contains("\"Drained\"");
+    let last = last?;
+    (status == 200 && drained).then(|| answered.saturating_duration_since(last))
 }
 
 fn verdict(met: bool) -> &'static str {
