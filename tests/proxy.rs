@@ -508,6 +508,18 @@ async fn bad_frames_close_only_their_session_with_1002_to_the_sender() {
             "TCP ends after a protocol error"
         );
     }
+    // A frame cut short by the end of the stream: counted, the app's side ends at once.
+    let mut raw = Raw::connect(addr).await;
+    let whole = masked_text("a frame the client never finishes");
+    raw.send(&whole[..whole.len() - 5]).await;
+    raw.stream.shutdown().await.unwrap();
+    assert!(raw.frame().await.is_none());
+    let stats = proxy.stats();
+    wait_for("truncated frame counted", Duration::from_secs(5), || {
+        stats.snapshot().bad_frames_client == 3
+    })
+    .await;
+
     // Garbage right behind the handshake, in the same packet as the request.
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let mut request = format!(
@@ -530,8 +542,8 @@ async fn bad_frames_close_only_their_session_with_1002_to_the_sender() {
     );
 
     let stats = proxy.stats();
-    wait_for("3 bad frames counted", Duration::from_secs(5), || {
-        stats.snapshot().bad_frames_client == 3
+    wait_for("4 bad frames counted", Duration::from_secs(5), || {
+        stats.snapshot().bad_frames_client == 4
     })
     .await;
     wait_for("app closes", Duration::from_secs(5), || {

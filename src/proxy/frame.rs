@@ -52,6 +52,8 @@ pub enum FrameError {
     StrayContinuation,
     #[error("new data frame inside a fragmented message")]
     MessageInterrupted,
+    #[error("stream ended inside a frame")]
+    Truncated,
 }
 
 /// One parsed frame header.

@@ -253,6 +253,14 @@ impl Pipe {
         }
     }
 
+    /// The reading side ended in the middle of a frame (or of a frame header).
+    fn truncated(&self) -> bool {
+        self.eof
+            && !self.corrupt
+            && self.mode == Mode::Forward
+            && (!self.tracker.at_frame_start() || self.buf.len() > self.ready)
+    }
+
     fn stalled(&self, now: Instant, limit: Duration) -> bool {
         self.pending_write() && now.duration_since(self.progress_at) >= limit
     }
@@ -316,6 +324,12 @@ pub async fn run(
                 pipe.corrupt = true;
                 pipe.eof = true; // read no more from a broken stream
                 failure.get_or_insert(Ending::BadFrame(side, e));
+            }
+        }
+        // A side that ended inside a frame: nothing whole can follow on either side.
+        for (side, pipe) in [(Side::Client, &up), (Side::App, &down)] {
+            if pipe.truncated() {
+                return Ending::BadFrame(side, FrameError::Truncated);
             }
         }
         let now = Instant::now();
