@@ -291,6 +291,7 @@ enum Event {
     AppWritable,
     Order(Option<CloseOrder>),
     Timer,
+    Stuck,
 }
 
 /// Relays one session until it ends; closes it on `order` with the drain's close code
@@ -315,6 +316,7 @@ pub async fn run(
     let mut down = Pipe::new(Writer::Server, extensions, app_early);
     let mut order = Some(order);
     let mut closing: Option<Closing> = None;
+    let far = Instant::now() + Duration::from_secs(86_400 * 365);
 
     loop {
         // Scan what came in; a bad frame starts a failure close sequence.
@@ -412,7 +414,10 @@ pub async fn run(
             r = app.writable(), if up.pending_write() => { r.ok(); Event::AppWritable }
             r = client.writable(), if down.pending_write() => { r.ok(); Event::ClientWritable }
             o = async { order.as_mut()?.await.ok() }, if order.is_some() => Event::Order(o),
-            _ = tokio::time::sleep_until(wake) => Event::Timer,
+            // Not polled (so never registered) when disabled.
+            _ = tokio::time::sleep_until(wake.unwrap_or(far)), if wake.is_some() => Event::Timer,
+            // Nothing left that could make progress (no branch enabled): the session is over.
+            else => Event::Stuck,
         };
         match event {
             Event::ClientReadable => {
@@ -422,6 +427,9 @@ pub async fn run(
                 down.read(&app);
             }
             Event::ClientWritable | Event::AppWritable | Event::Timer => {}
+            Event::Stuck => {
+                return closing.map_or(Ending::Relayed, |c| c.ending);
+            }
             Event::Order(o) => {
                 order = None;
                 if let Some(o) = o
@@ -522,17 +530,21 @@ fn fail(ending: Ending, up: &mut Pipe, down: &mut Pipe, t: Timeouts) -> Closing 
     }
 }
 
-fn next_wake(closing: &Option<Closing>, up: &Pipe, down: &Pipe, t: Timeouts) -> Instant {
-    let mut wake = Instant::now() + t.write_stall.max(Duration::from_millis(1));
+/// When a timer must fire: a stall check while writes are pending, the boundary wait
+/// and the close deadline while closing; `None` for an open session with nothing pending
+/// (most of them: no timer is armed then).
+fn next_wake(closing: &Option<Closing>, up: &Pipe, down: &Pipe, t: Timeouts) -> Option<Instant> {
+    let mut wake: Option<Instant> = None;
+    let mut at = |i: Instant| wake = Some(wake.map_or(i, |w| w.min(i)));
     for p in [up, down] {
         if p.pending_write() {
-            wake = wake.min(p.progress_at + t.write_stall);
+            at(p.progress_at + t.write_stall);
         }
     }
     if let Some(c) = closing {
-        wake = wake.min(c.deadline);
+        at(c.deadline);
         if down.mode == Mode::Hold(Stop::MessageBoundary) {
-            wake = wake.min(c.boundary_at);
+            at(c.boundary_at);
         }
     }
     wake
