@@ -10,9 +10,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
+use crate::drain::Phase;
 use crate::drain::report::Summary;
 use crate::drain::seams::Observer;
-use crate::drain::{Outcome, Phase};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -22,11 +22,6 @@ pub struct ResultLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabel {
     pub phase: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabel {
-    pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -45,7 +40,6 @@ pub struct Metrics {
     pub drain_state: Gauge,
     /// State set: 1 for the current phase, 0 for the others.
     pub drain_phase: Family<PhaseLabel, Gauge>,
-    pub drains: Family<OutcomeLabel, Counter>,
     pub drain_duration_seconds: Gauge<f64, AtomicU64>,
     pub closes_requested: Counter,
     pub forced_remaining: Gauge,
@@ -69,7 +63,6 @@ impl Metrics {
             connections: Gauge::default(),
             drain_state: Gauge::default(),
             drain_phase: Family::default(),
-            drains: Family::default(),
             drain_duration_seconds: Gauge::default(),
             closes_requested: Counter::default(),
             forced_remaining: Gauge::default(),
@@ -93,11 +86,6 @@ impl Metrics {
             "drain_phase",
             "The drain phase as a state set: 1 for the current phase",
             m.drain_phase.clone(),
-        );
-        registry.register(
-            "drains",
-            "Finished drains by outcome (Drained, DeadlineExceeded)",
-            m.drains.clone(),
         );
         registry.register(
             "build",
@@ -197,11 +185,6 @@ impl Observer for Metrics {
             .set(summary.duration_ms as f64 / 1000.0);
         self.forced_remaining
             .set(summary.remaining.min(i64::MAX as u64) as i64);
-        let outcome = match summary.outcome {
-            Outcome::Drained => "Drained",
-            Outcome::DeadlineExceeded => "DeadlineExceeded",
-        };
-        self.drains.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 }
 
