@@ -12,11 +12,15 @@
 //! again until they are, so a slow reader pushes back on the writer (TCP flow control)
 //! instead of filling memory, and a writer stalled for `write_stall` ends the session.
 //!
-//! Sockets are polled with `readable`/`writable` + `try_read`/`try_write`: every wait is
-//! cancel-safe, so one `select!` loop serves both directions, the close order and the
-//! timers without losing a byte.
+//! Sockets are driven by readiness (`poll_read_ready`/`poll_write_ready`) and
+//! `try_read`/`try_write`: one task serves both directions, the close order and the
+//! timers, no operation is ever left half-done, and an idle session stores no future
+//! per socket.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -316,7 +320,9 @@ pub async fn run(
     let mut down = Pipe::new(Writer::Server, extensions, app_early);
     let mut order = Some(order);
     let mut closing: Option<Closing> = None;
-    let far = Instant::now() + Duration::from_secs(86_400 * 365);
+    let sleep = tokio::time::sleep_until(Instant::now() + Duration::from_secs(86_400));
+    tokio::pin!(sleep);
+    let mut turn = 0usize;
 
     loop {
         // Scan what came in; a bad frame starts a failure close sequence.
@@ -408,17 +414,70 @@ pub async fn run(
         }
 
         let wake = next_wake(&closing, &up, &down, t);
-        let event = tokio::select! {
-            r = client.readable(), if up.wants_read() => { r.ok(); Event::ClientReadable }
-            r = app.readable(), if down.wants_read() => { r.ok(); Event::AppReadable }
-            r = app.writable(), if up.pending_write() => { r.ok(); Event::AppWritable }
-            r = client.writable(), if down.pending_write() => { r.ok(); Event::ClientWritable }
-            o = async { order.as_mut()?.await.ok() }, if order.is_some() => Event::Order(o),
-            // Not polled (so never registered) when disabled.
-            _ = tokio::time::sleep_until(wake.unwrap_or(far)), if wake.is_some() => Event::Timer,
-            // Nothing left that could make progress (no branch enabled): the session is over.
-            else => Event::Stuck,
-        };
+        // Poll readiness directly rather than through `select!`: no future is stored per
+        // branch, which keeps an idle session's task small. The starting branch rotates
+        // so neither direction can starve the other.
+        turn = turn.wrapping_add(1);
+        let event = std::future::poll_fn(|cx| {
+            let mut enabled = false;
+            for k in 0..4 {
+                let hit = match (turn + k) % 4 {
+                    0 if up.wants_read() => {
+                        enabled = true;
+                        client
+                            .poll_read_ready(cx)
+                            .is_ready()
+                            .then_some(Event::ClientReadable)
+                    }
+                    1 if down.wants_read() => {
+                        enabled = true;
+                        app.poll_read_ready(cx)
+                            .is_ready()
+                            .then_some(Event::AppReadable)
+                    }
+                    2 if up.pending_write() => {
+                        enabled = true;
+                        app.poll_write_ready(cx)
+                            .is_ready()
+                            .then_some(Event::AppWritable)
+                    }
+                    3 if down.pending_write() => {
+                        enabled = true;
+                        client
+                            .poll_write_ready(cx)
+                            .is_ready()
+                            .then_some(Event::ClientWritable)
+                    }
+                    _ => None,
+                };
+                if let Some(e) = hit {
+                    return Poll::Ready(e);
+                }
+            }
+            if let Some(rx) = order.as_mut() {
+                enabled = true;
+                if let Poll::Ready(r) = Pin::new(rx).poll(cx) {
+                    return Poll::Ready(Event::Order(r.ok()));
+                }
+            }
+            // The timer is armed only while something is due (never for an idle session).
+            if let Some(w) = wake {
+                enabled = true;
+                if sleep.deadline() != w {
+                    sleep.as_mut().reset(w);
+                }
+                if sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Timer);
+                }
+            }
+            // Nothing left that could make progress: the session is over.
+            if enabled {
+                Poll::Pending
+            } else {
+                Poll::Ready(Event::Stuck)
+            }
+        })
+        .await;
         match event {
             Event::ClientReadable => {
                 up.read(&client);
