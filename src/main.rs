@@ -34,6 +34,8 @@ enum Command {
     Webhook(wsdrain::webhook::WebhookArgs),
     /// Inject the agent into manifests offline (YAML in, YAML out).
     Inject(wsdrain::inject::cli::InjectArgs),
+    /// Remove what `inject` (or the webhook) added, restoring the original pods.
+    Uninject(wsdrain::inject::cli::UninjectArgs),
     /// Run CMD as a child and drain before passing SIGTERM on (no sidecar).
     Wrap(wsdrain::wrap::WrapArgs),
     /// Hook client: call the agent's /prestop and wait for the drain to end.
@@ -60,6 +62,7 @@ fn main() -> ExitCode {
         Command::Wrap(args) => return wsdrain::wrap::main(args),
         // inject is synchronous I/O on files.
         Command::Inject(args) => wsdrain::inject::cli::run(args),
+        Command::Uninject(args) => wsdrain::inject::cli::run_uninject(args),
         Command::CopySelf { dest } => wsdrain::inject::copy_self::copy_self(&dest)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| anyhow::anyhow!("copy-self {}: {e}", dest.display())),
