@@ -5,7 +5,7 @@ CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build deps test unit demo bench bench-image lint fmt image-binary clean
+.PHONY: all build deps test unit fuzz demo bench bench-image lint fmt image-binary clean
 
 all: build
 
@@ -24,6 +24,10 @@ test: deps
 unit:
 	$(CARGO) test --lib
 
+# The WebSocket frame parser's property tests with 100k cases each instead of 200 (minutes).
+fuzz:
+	PROPTEST_CASES=100000 $(CARGO) test --release --lib proxy::frame
+
 demo: deps
 	$(CARGO) build
 	bash scripts/demo.sh
@@ -33,6 +37,7 @@ bench: deps
 	$(CARGO) bench --bench count
 	$(CARGO) bench --bench agent
 	$(CARGO) bench --bench webhook
+	$(CARGO) bench --bench proxy
 
 # The agent bench on the static musl binary the Dockerfile ships (fat LTO: ~9 min cold).
 bench-image: deps

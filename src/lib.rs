@@ -17,6 +17,7 @@ pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod prestop;
+pub mod proxy;
 pub mod signals;
 pub mod units;
 pub mod webhook;

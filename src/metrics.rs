@@ -25,6 +25,11 @@ pub struct PhaseLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabel {
+    pub event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: &'static str,
 }
@@ -43,6 +48,8 @@ pub struct Metrics {
     pub kube_failures: Gauge,
     pub vanished: Counter,
     pub rebalance_closes: Counter,
+    /// Proxy mode's totals (sessions, drained, bad frames, …), copied from the proxy.
+    pub proxy_events: Family<EventLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -66,6 +73,7 @@ impl Metrics {
             kube_failures: Gauge::default(),
             vanished: Counter::default(),
             rebalance_closes: Counter::default(),
+            proxy_events: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -129,6 +137,11 @@ impl Metrics {
             "rebalance_closes",
             "Sessions closed to move clients to less loaded pods",
             m.rebalance_closes.clone(),
+        );
+        registry.register(
+            "proxy_events",
+            "Proxy mode totals by event: sessions, drained, close_timeouts, bad_frames_client, bad_frames_app, stalled, upstream_errors",
+            m.proxy_events.clone(),
         );
         let m = Metrics { registry, ..m };
         m.set_phase(Phase::Serving);

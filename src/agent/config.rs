@@ -10,6 +10,7 @@ use thiserror::Error;
 
 use crate::drain::hint::{HintError, HintTemplate};
 use crate::drain::settings::{DelayRange, Settings};
+use crate::proxy::{Route, Timeouts};
 use crate::units::{
     DurationRange, check_close_code, format_duration, parse_admin_url, parse_duration, parse_port,
     parse_range,
@@ -32,6 +33,10 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+fn parse_route(s: &str) -> Result<Route, String> {
+    s.parse()
+}
+
 /// A path; empty is allowed and means "off".
 fn parse_path(s: &str) -> Result<PathBuf, String> {
     Ok(PathBuf::from(s))
@@ -44,9 +49,25 @@ pub struct AgentArgs {
     #[arg(long, env = "WSDRAIN_LISTEN", default_value = "0.0.0.0:19901")]
     pub listen: SocketAddr,
 
-    /// The app's ports whose established TCP connections are counted (comma list).
-    #[arg(long, env = "WSDRAIN_PORTS", value_delimiter = ',', value_parser = parse_port, required = true)]
+    /// The app's ports whose established TCP connections are counted (comma list)
+    /// [default with --proxy: the proxy's listen ports].
+    #[arg(long, env = "WSDRAIN_PORTS", value_delimiter = ',', value_parser = parse_port)]
     pub ports: Vec<u16>,
+
+    /// Proxy mode: relay LISTEN to the app on UPSTREAM and close its WebSockets from the
+    /// proxy (docs/proxy.md). Repeatable; the env var takes a comma list.
+    #[arg(long, env = "WSDRAIN_PROXY", value_name = "LISTEN=UPSTREAM", value_delimiter = ',', value_parser = parse_route)]
+    pub proxy: Vec<Route>,
+
+    /// Proxy mode: longest wait for the end of the app's message in progress before the
+    /// drain's Close goes out (then it goes between two frames).
+    #[arg(long, env = "WSDRAIN_BOUNDARY_WAIT", default_value = "1s", value_parser = parse_duration)]
+    pub boundary_wait: Duration,
+
+    /// Proxy mode: a session's TCP connections are dropped this long after its close
+    /// sequence started, answered or not.
+    #[arg(long, env = "WSDRAIN_CLOSE_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    pub close_timeout: Duration,
 
     /// Count only sockets on this local address (labs running several pods on 127.0.0.N).
     #[arg(long, env = "WSDRAIN_ADDRESS")]
@@ -162,8 +183,12 @@ pub struct AgentArgs {
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub listen: SocketAddr,
+    /// Ports counted by sock_diag: `--ports` without the proxy's listen ports (those
+    /// are counted by the proxy's own session table).
     pub ports: Vec<u16>,
     pub address: Option<IpAddr>,
+    pub proxy: Vec<Route>,
+    pub proxy_timeouts: Timeouts,
     pub admin_url: Option<hyper::Uri>,
     pub admin_timeout: Duration,
     pub grace_period: Duration,
@@ -218,11 +243,39 @@ impl AgentConfig {
 impl AgentArgs {
     pub fn validate(self) -> Result<AgentConfig, ConfigError> {
         let mut ports = self.ports;
-        if ports.is_empty() {
-            return Err(invalid("--ports", "at least one app port is required"));
+        if ports.is_empty() && self.proxy.is_empty() {
+            return Err(invalid(
+                "--ports",
+                "at least one app port is required (or --proxy LISTEN=UPSTREAM)",
+            ));
         }
+        let proxied: Vec<u16> = self.proxy.iter().map(|r| r.listen.port()).collect();
+        if let Some(dup) = proxied
+            .iter()
+            .enumerate()
+            .find_map(|(i, p)| proxied[..i].contains(p).then_some(*p))
+        {
+            return Err(invalid("--proxy", format!("listen port {dup} given twice")));
+        }
+        if self.proxy.iter().any(|r| r.listen.port() == 0) {
+            return Err(invalid("--proxy", "LISTEN needs a port"));
+        }
+        ports.retain(|p| !proxied.contains(p));
         ports.sort_unstable();
         ports.dedup();
+        if self.close_timeout.is_zero() {
+            return Err(invalid("--close-timeout", "must be more than 0"));
+        }
+        if self.boundary_wait >= self.close_timeout {
+            return Err(invalid(
+                "--boundary-wait",
+                format!(
+                    "{} must be shorter than --close-timeout {}",
+                    format_duration(self.boundary_wait),
+                    format_duration(self.close_timeout)
+                ),
+            ));
+        }
 
         let admin_url = match self.admin_url.as_deref().map(str::trim) {
             None | Some("") => None,
@@ -309,6 +362,12 @@ impl AgentArgs {
             listen: self.listen,
             ports,
             address: self.address,
+            proxy: self.proxy,
+            proxy_timeouts: Timeouts {
+                boundary_wait: self.boundary_wait,
+                close_timeout: self.close_timeout,
+                ..Timeouts::default()
+            },
             admin_url,
             admin_timeout: self.admin_timeout,
             grace_period: self.grace_period,
@@ -461,6 +520,60 @@ mod tests {
         assert!(!err.contains("must start with http://"), "{err}");
         let err = parse(&["--ports", "0"]).unwrap_err();
         assert!(!err.contains("port 0 is not a port"), "{err}");
+    }
+
+    #[test]
+    fn proxy_routes_take_over_their_ports() {
+        let c = parse(&["--proxy", "0.0.0.0:8080=127.0.0.1:8081"]).unwrap();
+        assert_eq!(c.proxy.len(), 1);
+        assert!(c.ports.is_empty(), "the proxy's table counts 8080");
+        assert_eq!(c.proxy_timeouts.boundary_wait, Duration::from_secs(1));
+        assert_eq!(c.proxy_timeouts.close_timeout, Duration::from_secs(3));
+        let c = parse(&[
+            "--proxy",
+            "0.0.0.0:8080=127.0.0.1:8081",
+            "--proxy",
+            "0.0.0.0:9090=127.0.0.1:9091",
+            "--ports",
+            "8080,7000",
+            "--boundary-wait",
+            "250ms",
+        ])
+        .unwrap();
+        assert_eq!(c.proxy.len(), 2);
+        assert_eq!(
+            c.ports,
+            vec![7000],
+            "only non-proxied ports go to sock_diag"
+        );
+        assert_eq!(c.proxy_timeouts.boundary_wait, Duration::from_millis(250));
+        let cases: &[(&[&str], &str)] = &[
+            (&["--proxy", "8080=127.0.0.1:8081"], "--proxy"),
+            (&["--proxy", "0.0.0.0:8080"], "--proxy"),
+            (
+                &[
+                    "--proxy",
+                    "0.0.0.0:8080=127.0.0.1:1,0.0.0.0:8080=127.0.0.1:2",
+                ],
+                "--proxy",
+            ),
+            (
+                &["--proxy", "0.0.0.0:1=127.0.0.1:2", "--close-timeout", "0"],
+                "--close-timeout",
+            ),
+            (
+                &["--proxy", "0.0.0.0:1=127.0.0.1:2", "--boundary-wait", "5s"],
+                "--boundary-wait",
+            ),
+            (
+                &["--proxy", "0.0.0.0:1=127.0.0.1:2", "--boundary-wait", "x"],
+                "--boundary-wait",
+            ),
+        ];
+        for (args, field) in cases {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(field), "{args:?}: {err}");
+        }
     }
 
     #[test]

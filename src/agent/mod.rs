@@ -21,6 +21,7 @@ use crate::drain::seams::{SessionCloser, SessionCounter};
 use crate::fleet;
 use crate::kube::{self, PodLink};
 use crate::metrics::Metrics;
+use crate::proxy::{Proxy, TableAndSockets, TableCloser, TableCounter};
 use crate::signals;
 use crate::units::format_duration;
 use config::AgentConfig;
@@ -41,11 +42,38 @@ impl Agent {
             .local_addr()
             .context("--listen: no local address")?;
 
-        let counter = Counter::new(Filter {
-            ports: cfg.ports.clone(),
-            address: cfg.address,
-        });
-        let backend = counter.backend();
+        // Proxy first: it binds the app's public port, and a clash should fail early.
+        let proxy = if cfg.proxy.is_empty() {
+            None
+        } else {
+            Some(Proxy::start(&cfg.proxy, cfg.proxy_timeouts).await?)
+        };
+        // sock_diag counts the ports the proxy does not carry (all of them without it);
+        // the proxy's table counts its own sessions, with events.
+        let sockets = || {
+            let c = Counter::new(Filter {
+                ports: cfg.ports.clone(),
+                address: cfg.address,
+            });
+            let backend = c.backend();
+            (
+                Arc::new(if cfg.poll_only {
+                    SocketCounter::new(c)
+                } else {
+                    SocketCounter::event_driven(c)
+                }) as Arc<dyn SessionCounter>,
+                Some(backend),
+            )
+        };
+        let (counter, backend): (Arc<dyn SessionCounter>, _) = match &proxy {
+            None => sockets(),
+            Some(p) if cfg.ports.is_empty() => (Arc::new(TableCounter(p.table())), None),
+            Some(p) => {
+                let (sockets, backend) = sockets();
+                let table = TableCounter(p.table());
+                (Arc::new(TableAndSockets { table, sockets }), backend)
+            }
+        };
         let link = match cfg.kube.clone() {
             Some(pod) => match PodLink::connect(pod, cfg.readiness_gate).await {
                 Ok(link) => Some(Arc::new(link)),
@@ -57,14 +85,15 @@ impl Agent {
             None => None,
         };
         let metrics = Arc::new(Metrics::new());
-        let closer = cfg.admin_url.clone().map(|url| {
-            Arc::new(AdminClient::new(url, cfg.admin_timeout)) as Arc<dyn SessionCloser>
-        });
-        let counter: Arc<dyn SessionCounter> = Arc::new(if cfg.poll_only {
-            SocketCounter::new(counter)
-        } else {
-            SocketCounter::event_driven(counter)
-        });
+        // With an admin API the app closes its own sessions (the proxy relays those
+        // closes); without one the proxy closes them.
+        let closer = match (cfg.admin_url.clone(), &proxy) {
+            (Some(url), _) => {
+                Some(Arc::new(AdminClient::new(url, cfg.admin_timeout)) as Arc<dyn SessionCloser>)
+            }
+            (None, Some(p)) => Some(Arc::new(TableCloser(p.table())) as Arc<dyn SessionCloser>),
+            (None, None) => None,
+        };
         let parts = Parts {
             counter: counter.clone(),
             closer,
@@ -85,6 +114,7 @@ impl Agent {
             address = ?cfg.address,
             counting = ?backend,
             admin_url = cfg.admin_url.as_ref().map(|u| u.to_string()),
+            proxy = ?cfg.proxy.iter().map(|r| format!("{}={}", r.listen, r.upstream)).collect::<Vec<_>>(),
             drain_timeout = %format_duration(cfg.drain_timeout),
             token = cfg.token.is_some(),
             "agent serving"
@@ -116,6 +146,9 @@ impl Agent {
         }
         if let Some(link) = link {
             spawn_kube(link, &drainer, &metrics);
+        }
+        if let Some(proxy) = &proxy {
+            spawn_proxy_stats(proxy.stats(), &drainer, &metrics);
         }
         Ok(Agent {
             drainer,
@@ -251,6 +284,48 @@ fn spawn_kube(link: Arc<PodLink>, drainer: &Drainer, metrics: &Arc<Metrics>) {
         loop {
             tick.tick().await;
             metrics.kube_failures.set(link.failures() as i64);
+        }
+    });
+}
+
+/// Copies the proxy's totals into /metrics every second, and logs them when a drain ends.
+fn spawn_proxy_stats(stats: Arc<crate::proxy::Stats>, drainer: &Drainer, metrics: &Arc<Metrics>) {
+    let metrics = metrics.clone();
+    let mut notices = drainer.notices();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut open = true;
+        loop {
+            let finished = tokio::select! {
+                _ = tick.tick() => false,
+                n = notices.recv(), if open => match n {
+                    Ok(notice) => matches!(notice, Notice::Finished(_)),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => false,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        open = false;
+                        false
+                    }
+                },
+            };
+            let s = stats.snapshot();
+            for (event, n) in s.pairs() {
+                metrics
+                    .proxy_events
+                    .get_or_create(&crate::metrics::EventLabel { event })
+                    .set(n.min(i64::MAX as u64) as i64);
+            }
+            if finished {
+                tracing::info!(
+                    sessions = s.sessions,
+                    drained = s.drained,
+                    close_timeouts = s.close_timeouts,
+                    bad_frames_client = s.bad_frames_client,
+                    bad_frames_app = s.bad_frames_app,
+                    stalled = s.stalled,
+                    upstream_errors = s.upstream_errors,
+                    "proxy totals at the end of the drain"
+                );
+            }
         }
     });
 }
