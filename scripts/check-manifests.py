@@ -93,7 +93,8 @@ def registered_metrics():
     """Every series name the prometheus-client registries in src/ can expose.
 
     A metric is registered as `registry.register("name", "help", x.clone())` under the
-    prefixes of its file's registries (all prefixes if the file makes none); its kind comes
+    prefixes of its file's registries (none for a `Registry::default()`, all prefixes if
+    the file makes no registry); its kind comes
     from the declaration of `x` (`x: Family<L, Counter>`, `let x = Histogram::new(..)`),
     which decides the suffixes: a counter is only `<name>_total`.
     """
@@ -105,7 +106,9 @@ def registered_metrics():
     everywhere = {p for t in files.values() for p in re.findall(PREFIX, t)} or {""}
     series = set()
     for text in files.values():
-        prefixes = set(re.findall(PREFIX, text)) or everywhere
+        # A file that makes its own unprefixed registry names its metrics in full.
+        own = {""} if "Registry::default()" in text else set()
+        prefixes = set(re.findall(PREFIX, text)) or own or everywhere
         for m in re.finditer(REGISTER, text, re.S):
             with_unit, name, arg = m.groups()
             idents = re.findall(r"[a-z_][a-z0-9_]*", re.sub(r"\.clone\(\)|Box::new", "", arg))

@@ -395,30 +395,52 @@ fn watch_lines(events: &[(&str, Value)]) -> Body {
     Body::from(out)
 }
 
+fn pod_list(items: &[Value]) -> Value {
+    json!({ "apiVersion": "v1", "kind": "PodList",
+            "metadata": { "resourceVersion": "100" }, "items": items })
+}
+
+/// The first request of kube-runtime's watcher: a list of the own pod only.
+fn assert_own_pod_list(uri: &str) {
+    assert!(uri.starts_with("/api/v1/namespaces/chat/pods?"), "{uri}");
+    assert!(!uri.contains("watch=true"), "{uri}");
+    assert!(
+        uri.contains("fieldSelector=metadata.name%3Dws-7d9f-abcde"),
+        "{uri}"
+    );
+}
+
+/// The watch that follows the list: own pod, from the list's resourceVersion.
+fn assert_own_pod_watch(uri: &str) {
+    for q in [
+        "watch=true",
+        "fieldSelector=metadata.name%3Dws-7d9f-abcde",
+        "resourceVersion=100",
+        "timeoutSeconds=290",
+    ] {
+        assert!(uri.contains(q), "{uri} lacks {q}");
+    }
+}
+
 #[tokio::test]
 async fn wait_for_deletion_watches_own_pod_and_retries() {
     let (link, mut handle) = mock_link(false);
     let server = tokio::spawn(async move {
-        // First watch refused (no "pods watch"), second one works.
+        // First list refused (no "pods list"), the retry works, then the watch.
         let (req, send) = next(&mut handle).await;
         assert_eq!(req.method(), Method::GET);
         let uri = req.uri().to_string();
-        assert!(uri.starts_with("/api/v1/namespaces/chat/pods?"), "{uri}");
-        for q in [
-            "watch=true",
-            "fieldSelector=metadata.name%3Dws-7d9f-abcde",
-            "resourceVersion=0",
-            "timeoutSeconds=290",
-        ] {
-            assert!(uri.contains(q), "{uri} lacks {q}");
-        }
+        assert_own_pod_list(&uri);
         respond(send, 403, &status_json(403, "Forbidden"));
         let (req, send) = next(&mut handle).await;
-        assert_eq!(req.uri().to_string(), uri);
-        send.send_response(Response::new(watch_lines(&[
-            ("ADDED", pod_json(None)),
-            ("MODIFIED", pod_json(Some("2030-01-02T03:04:05Z"))),
-        ])));
+        assert_eq!(req.uri().to_string(), uri, "the same list again");
+        respond(send, 200, &pod_list(&[pod_json(None)]));
+        let (req, send) = next(&mut handle).await;
+        assert_own_pod_watch(&req.uri().to_string());
+        send.send_response(Response::new(watch_lines(&[(
+            "MODIFIED",
+            pod_json(Some("2030-01-02T03:04:05Z")),
+        )])));
     });
     let t = tokio::time::timeout(Duration::from_secs(10), link.wait_for_deletion())
         .await
@@ -432,16 +454,44 @@ async fn wait_for_deletion_watches_own_pod_and_retries() {
     server.await.unwrap();
 }
 
+/// A pod already being deleted when the agent starts is seen in the first list.
+#[tokio::test]
+async fn wait_for_deletion_sees_a_deletion_that_happened_before() {
+    let (link, mut handle) = mock_link(false);
+    let server = tokio::spawn(async move {
+        let (req, send) = next(&mut handle).await;
+        assert_own_pod_list(&req.uri().to_string());
+        respond(
+            send,
+            200,
+            &pod_list(&[pod_json(Some("2030-01-02T03:04:05Z"))]),
+        );
+    });
+    let t = tokio::time::timeout(Duration::from_secs(10), link.wait_for_deletion())
+        .await
+        .expect("wait_for_deletion did not resolve");
+    assert_eq!(
+        t,
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_893_553_445)
+    );
+    server.await.unwrap();
+}
+
 #[tokio::test]
 async fn wait_for_deletion_rewatches_after_a_normal_end() {
     let (link, mut handle) = mock_link(false);
     let server = tokio::spawn(async move {
         // A watch that ends (server timeout) without a deletion, then a forced deletion.
         let (req, send) = next(&mut handle).await;
+        assert_own_pod_list(&req.uri().to_string());
+        respond(send, 200, &pod_list(&[pod_json(None)]));
+        let (req, send) = next(&mut handle).await;
         let uri = req.uri().to_string();
+        assert_own_pod_watch(&uri);
         send.send_response(Response::new(watch_lines(&[("ADDED", pod_json(None))])));
         let (req, send) = next(&mut handle).await;
-        assert_eq!(req.uri().to_string(), uri);
+        let again = req.uri().to_string();
+        assert!(again.contains("watch=true"), "watches again: {again}");
         send.send_response(Response::new(watch_lines(&[("DELETED", pod_json(None))])));
     });
     let before = SystemTime::now();

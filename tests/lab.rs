@@ -825,3 +825,42 @@ fn a_fleet_close_budget_caps_what_the_survivors_see() {
         "without the budget the peak is higher: {without}"
     );
 }
+
+/// Proxy mode: the reference app without its admin API behind the agent's proxy. The
+/// agent sends the close frames itself, and clients see the same clean closes as with
+/// the admin API.
+#[test]
+fn seed_with_the_proxy_closes_an_unchanged_app_cleanly() {
+    let s = lab(&["seed", "--agent", "proxy", "--ingress", "keep"], LIMIT);
+    let removed = n(&s, "removed.connections");
+    assert!(removed > 0, "no client was on a removed pod: {s}");
+    assert_eq!(n(&s, "removed.abnormal"), 0, "{s}");
+    assert_eq!(n(&s, "removed.clean_1012_with_hint"), removed, "{s}");
+    assert_eq!(n(&s, "abnormal_closes"), 0, "{s}");
+    assert_eq!(n(&s, "messages_lost"), 0, "{s}");
+    for pod in s["pods"].as_array().expect("pods") {
+        assert_eq!(pod["drain_outcome"], "Drained", "{pod}");
+        assert!(pod["killed"].as_array().is_some_and(Vec::is_empty), "{pod}");
+    }
+}
+
+/// Rebalancing works through the proxy's closer too.
+#[test]
+fn scale_up_rebalances_through_the_proxy() {
+    let s = lab(
+        &[
+            "scale-up",
+            "--agent",
+            "proxy",
+            "--rebalance",
+            "on",
+            "--clients",
+            "300",
+        ],
+        LIMIT,
+    );
+    assert!(f(&s, "imbalance_after") <= 1.2, "{s}");
+    assert!(f(&s, "seconds_to_balanced") <= 30.0, "{s}");
+    assert_eq!(n(&s, "abnormal_closes"), 0, "{s}");
+    assert_eq!(n(&s, "messages_lost"), 0, "{s}");
+}

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use backon::{ExponentialBuilder, Retryable};
 use tokio::net::TcpListener;
 
 use crate::admin::AdminClient;
@@ -259,11 +260,18 @@ fn spawn_kube(link: Arc<PodLink>, drainer: &Drainer, metrics: &Arc<Metrics>) {
     // started, which makes it a no-op).
     let serving = link.clone();
     tokio::spawn(async move {
-        let mut backoff = Duration::from_secs(1);
-        while !serving.set_serving(true).await {
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(30));
-        }
+        let set = || async {
+            match serving.set_serving(true).await {
+                true => Ok(()),
+                false => Err("readiness-gate condition not set"),
+            }
+        };
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_secs(1))
+            .with_max_delay(Duration::from_secs(30))
+            .without_max_times();
+        // Failures are counted and logged by the link; only the retry lives here.
+        let _ = set.retry(backoff).await;
     });
     // Starts the drain when the pod is deleted even if no hook reaches the agent
     // (`wrap`, or an app container whose own preStop was kept), and applies the real

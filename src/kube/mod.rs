@@ -22,8 +22,9 @@ use k8s_openapi::api::core::v1::{ObjectReference, Pod, PodCondition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
-use kube::api::{Api, Patch, PatchParams, WatchEvent, WatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, Recorder, Reporter};
+use kube::runtime::{WatchStreamExt, watcher};
 use thiserror::Error;
 
 pub use events::{ACTION, event_for};
@@ -48,10 +49,6 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 pub const SERVING_CONDITION: &str = "wsdrain.io/serving";
 /// `reportingController` of our Events.
 pub const REPORTING_CONTROLLER: &str = "wsdrain.io/agent";
-/// Pause between two watch attempts, doubled after each failure.
-const MIN_BACKOFF: Duration = Duration::from_secs(1);
-/// Longest pause between two watch attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Server-side end of one watch request; the agent watches again after it.
 const WATCH_SECONDS: u32 = 290;
 
@@ -196,57 +193,39 @@ impl PodLink {
     /// selector on its name), starting each watch with the pod's current state, and
     /// watches again with backoff after errors. Never resolves if the API is unusable.
     pub async fn wait_for_deletion(&self) -> SystemTime {
-        let wp = WatchParams::default()
+        // kube-runtime's watcher lists the pod (so a deletion that happened before is
+        // seen), then watches from there, re-lists after a gap, and backs off on errors.
+        let config = watcher::Config::default()
             .fields(&format!("metadata.name={}", self.pod.name))
             .timeout(WATCH_SECONDS);
-        let mut backoff = MIN_BACKOFF;
-        loop {
-            // "0": the watch opens with a synthetic ADDED of the current pod, so a
-            // deletion that happened between two watches is not missed.
-            if let Some(stream) = self.call(Call::WatchPod, self.pods.watch(&wp, "0")).await {
-                let mut stream = pin!(stream);
-                let mut healthy = false;
-                while let Some(event) = stream.next().await {
-                    match event {
-                        Ok(WatchEvent::Added(pod) | WatchEvent::Modified(pod)) => {
-                            healthy = true;
-                            if let Some(t) = self.observe(&pod) {
-                                return t;
-                            }
-                        }
-                        // Gone already (forced deletion): its time is now or earlier.
-                        Ok(WatchEvent::Deleted(pod)) => {
-                            return self.observe(&pod).unwrap_or_else(SystemTime::now);
-                        }
-                        Ok(WatchEvent::Bookmark(_)) => healthy = true,
-                        Ok(WatchEvent::Error(status)) => {
-                            self.failures.record(
-                                Call::WatchPod,
-                                Kind::of_code(status.code),
-                                &status,
-                            );
-                            healthy = false;
-                            break;
-                        }
-                        Err(e) => {
-                            self.failures.record(Call::WatchPod, Kind::of(&e), &e);
-                            healthy = false;
-                            break;
-                        }
+        let stream = watcher(self.pods.clone(), config).default_backoff();
+        let mut stream = pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => {
+                    if let Some(t) = self.observe(&pod) {
+                        return t;
                     }
                 }
-                if healthy {
-                    // Ran and ended normally (server timeout): the next watch opens with the
-                    // current pod, so the short pause loses nothing and bounds the rate
-                    // against a proxy that cuts watches at once.
-                    backoff = MIN_BACKOFF;
-                    tokio::time::sleep(backoff).await;
-                    continue;
+                // Gone already (forced deletion): its time is now or earlier.
+                Ok(watcher::Event::Delete(pod)) => {
+                    return self.observe(&pod).unwrap_or_else(SystemTime::now);
+                }
+                Ok(watcher::Event::Init | watcher::Event::InitDone) => {}
+                Err(e) => {
+                    let kind = match &e {
+                        watcher::Error::InitialListFailed(err)
+                        | watcher::Error::WatchStartFailed(err)
+                        | watcher::Error::WatchFailed(err) => Kind::of(err),
+                        watcher::Error::WatchError(status) => Kind::of_code(status.code),
+                        watcher::Error::NoResourceVersion => Kind::Other,
+                    };
+                    self.failures.record(Call::WatchPod, kind, &e);
                 }
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+        // The watcher's stream never ends; if it did, nothing more can be learnt.
+        std::future::pending().await
     }
 
     /// Sets the readiness-gate condition (only with the gate enabled). Returns false when

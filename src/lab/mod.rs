@@ -73,6 +73,18 @@ pub enum OnOff {
     Off,
 }
 
+/// How each pod runs the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AgentMode {
+    /// The agent drains through the app's admin API v1.
+    On,
+    /// No agent: the app gets SIGTERM at once, as without wsdrain.
+    Off,
+    /// The app runs without its admin API behind the agent's proxy mode: the agent
+    /// sends the close frames itself.
+    Proxy,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ClientKind {
     Rust,
@@ -86,7 +98,7 @@ pub struct LabArgs {
     pub scenario: String,
     /// Run the wsdrain agent in each pod (with a preStop hook on the app).
     #[arg(long, env = "WSDRAIN_LAB_AGENT", default_value = "on")]
-    pub agent: OnOff,
+    pub agent: AgentMode,
     /// keep: changes keep connections; reset-all: every change resets every session;
     /// tiered: a reset-all gateway in front of a stable keep tier.
     #[arg(long, env = "WSDRAIN_LAB_INGRESS", default_value = "keep")]
@@ -227,11 +239,19 @@ impl FleetArgs {
 }
 
 impl LabArgs {
+    /// The demo's fleet rows run the agent as asked (`--agent proxy` too), never without.
+    fn agent_or_on(&self) -> AgentMode {
+        match self.agent {
+            AgentMode::Off => AgentMode::On,
+            mode => mode,
+        }
+    }
+
     /// `demo`: the number of the run within it, for a run id of its own.
     fn config(
         &self,
         scenario: Scenario,
-        agent: OnOff,
+        agent: AgentMode,
         mode: Mode,
         demo_run: Option<usize>,
     ) -> RunConfig {
@@ -241,7 +261,7 @@ impl LabArgs {
             .settle_min
             .unwrap_or(self.propagation + Duration::from_millis(500));
         let settle_max = settle_min.max(Duration::from_secs(3));
-        let agent_flags = (agent == OnOff::On).then(|| {
+        let agent_flags = (agent != AgentMode::Off).then(|| {
             let mut f: Vec<String> = Vec::new();
             for (k, v) in [
                 ("--settle-min", format_duration(settle_min)),
@@ -275,6 +295,7 @@ impl LabArgs {
                 wsdrain: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("wsdrain")),
                 app_cmd: self.app.clone(),
                 agent_flags,
+                proxy: agent == AgentMode::Proxy,
                 sidecar: self.sidecar,
                 grace: self
                     .grace
@@ -388,11 +409,24 @@ async fn run_inner(args: &LabArgs) -> anyhow::Result<ExitCode> {
 /// `make demo`: the user's story with and without the agent, behind each ingress.
 async fn demo(args: &LabArgs) -> anyhow::Result<ExitCode> {
     let runs = [
-        ("keep ingress, no agent", OnOff::Off, Mode::Keep),
-        ("keep ingress, wsdrain", OnOff::On, Mode::Keep),
-        ("reset-all gateway, no agent", OnOff::Off, Mode::ResetAll),
-        ("reset-all gateway, wsdrain", OnOff::On, Mode::ResetAll),
-        ("reset-all + stable tier, wsdrain", OnOff::On, Mode::Tiered),
+        ("keep ingress, no agent", AgentMode::Off, Mode::Keep),
+        ("keep ingress, wsdrain", AgentMode::On, Mode::Keep),
+        (
+            "keep ingress, wsdrain proxy (app unchanged)",
+            AgentMode::Proxy,
+            Mode::Keep,
+        ),
+        (
+            "reset-all gateway, no agent",
+            AgentMode::Off,
+            Mode::ResetAll,
+        ),
+        ("reset-all gateway, wsdrain", AgentMode::On, Mode::ResetAll),
+        (
+            "reset-all + stable tier, wsdrain",
+            AgentMode::On,
+            Mode::Tiered,
+        ),
     ];
     let mut rows = Vec::new();
     let mut summaries = Vec::new();
@@ -436,7 +470,7 @@ async fn demo_scale_up(
         if let Some(n) = args.clients {
             scenario = scenario.with_clients(n);
         }
-        let mut cfg = args.config(scenario, OnOff::On, Mode::Keep, Some(done + i + 1));
+        let mut cfg = args.config(scenario, args.agent_or_on(), Mode::Keep, Some(done + i + 1));
         cfg.fleet.rebalance = rebalance == OnOff::On;
         eprintln!("[{}/{}] scale-up: {label}", done + i + 1, done + 2);
         rows.push((label.to_owned(), runner::run(&cfg).await?));

@@ -30,10 +30,14 @@ pub enum Sidecar {
 #[derive(Debug, Clone)]
 pub struct PodTemplate {
     pub wsdrain: PathBuf,
-    /// `None`: the reference app. Else a shell command with {ip}, {port}, {admin_port}.
+    /// `None`: the reference app. Else a shell command with {ip}, {port}, {admin_port}
+    /// (in proxy mode {port} is the port behind the proxy).
     pub app_cmd: Option<String>,
     /// Agent flags beyond the addresses (timings); `None`: no agent in the pod.
     pub agent_flags: Option<Vec<String>>,
+    /// Proxy mode: the app listens on the pod's second port without an admin API, and
+    /// the agent takes the app port, proxies to it and closes the sessions itself.
+    pub proxy: bool,
     pub sidecar: Sidecar,
     pub grace: Duration,
     pub propagation: Duration,
@@ -112,18 +116,29 @@ impl Pod {
             Some(ns) => ns.command(program),
             None => tokio::process::Command::new(program),
         };
+        // In proxy mode the app listens behind the agent, on the port the admin API
+        // would have had (it has none), and the ingress keeps routing to the app port.
+        let (listen_port, upstream) = if t.proxy && t.agent_flags.is_some() {
+            (admin_port, Some(SocketAddr::new(admin_ip, admin_port)))
+        } else {
+            (app_port, None)
+        };
         let app_cmd = match &t.app_cmd {
             None => {
                 let mut c = command(t.wsdrain.as_os_str());
-                c.args(["echo", "--listen", &format!("{bind_ip}:{app_port}")])
-                    .args(["--admin", &format!("{admin_ip}:{admin_port}")])
-                    .args(["--log-format", "json"]);
+                c.args(["echo", "--listen", &format!("{bind_ip}:{listen_port}")]);
+                if upstream.is_some() {
+                    c.arg("--no-admin");
+                } else {
+                    c.args(["--admin", &format!("{admin_ip}:{admin_port}")]);
+                }
+                c.args(["--log-format", "json"]);
                 c
             }
             Some(cmd) => {
                 let mut c = command("sh".as_ref());
                 c.arg("-c")
-                    .arg(fill_app_cmd(cmd, bind_ip, app_port, admin_port));
+                    .arg(fill_app_cmd(cmd, bind_ip, listen_port, admin_port));
                 c
             }
         };
@@ -149,9 +164,13 @@ impl Pod {
                             .args(["--address", &ip.to_string()]);
                     }
                 };
-                c.args(["--ports", &app_port.to_string()])
-                    .args(["--admin-url", &format!("http://{admin_ip}:{admin_port}")])
-                    .args(["--grace-period", &format!("{}ms", t.grace.as_millis())])
+                match upstream {
+                    Some(up) => c.args(["--proxy", &format!("{bind_ip}:{app_port}={up}")]),
+                    None => c
+                        .args(["--ports", &app_port.to_string()])
+                        .args(["--admin-url", &format!("http://{admin_ip}:{admin_port}")]),
+                };
+                c.args(["--grace-period", &format!("{}ms", t.grace.as_millis())])
                     .arg("--termination-log")
                     .arg(dir.join(format!("{name}-termination.log")))
                     .arg("--no-kube")
