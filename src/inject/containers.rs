@@ -29,6 +29,9 @@ pub struct Proxy {
 }
 
 pub const BIN_VOLUME: &str = "wsdrain-bin";
+/// Where the agent keeps its drain marker, so a restarted agent resumes the drain.
+pub const STATE_VOLUME: &str = "wsdrain-state";
+pub const STATE_DIR: &str = "/var/run/wsdrain";
 pub const BIN_DIR: &str = "/wsdrain-bin";
 pub const COPY_NAME: &str = "wsdrain-copy";
 
@@ -151,6 +154,7 @@ pub fn agent(plan: &AgentPlan, native: bool) -> Value {
     if plan.options.readiness_gate {
         env.push(json!({"name": "WSDRAIN_READINESS_GATE", "value": "true"}));
     }
+    env.push(json!({"name": "WSDRAIN_STATE_DIR", "value": STATE_DIR}));
     if let Some(level) = &plan.options.log_level {
         env.push(json!({"name": "RUST_LOG", "value": level}));
     }
@@ -169,6 +173,7 @@ pub fn agent(plan: &AgentPlan, native: bool) -> Value {
         "args": ["agent"],
         "ports": ports,
         "env": env,
+        "volumeMounts": [{"name": STATE_VOLUME, "mountPath": STATE_DIR}],
         // Fails fast once draining so the pod leaves rotation even without a gate.
         "readinessProbe": {
             "httpGet": {"path": "/readyz", "port": port, "scheme": "HTTP"},
@@ -210,6 +215,11 @@ pub fn copy_init(plan: &AgentPlan) -> Value {
         "securityContext": security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError"
     })
+}
+
+/// The agent's drain marker survives an agent restart (not the pod): a few bytes.
+pub fn state_volume() -> Value {
+    json!({"name": STATE_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}})
 }
 
 pub fn bin_volume() -> Value {

@@ -325,6 +325,11 @@ fn plan(pod: &Value, settings: &InjectSettings) -> Result<Planned, Stop> {
                 }
             };
             let agent = containers::agent(&plan, native);
+            ops.push(
+                &["spec", "volumes"],
+                spec.get("volumes").is_some_and(Value::is_array),
+                containers::state_volume(),
+            );
             if native {
                 ops.push(&["spec", "initContainers"], init.is_some(), agent);
             } else {
