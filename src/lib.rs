@@ -1,5 +1,5 @@
 //! wsdrain: graceful pod termination for WebSocket services.
-//! See DESIGN.md in docs/ for the contracts every module shares.
+//! docs/architecture.md maps the modules and says where each contract is written.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -8,10 +8,12 @@ pub mod api;
 pub mod config;
 pub mod conn;
 pub mod drain;
+#[cfg(feature = "echo")]
 pub mod echo;
 pub mod http1;
 pub mod inject;
 pub mod kube;
+#[cfg(feature = "lab")]
 pub mod lab;
 pub mod logging;
 pub mod metrics;
