@@ -131,7 +131,9 @@ fn version_text() -> String {
     format!(
         "wsdrain {}\ncommit: {}\nprofile: {}\nfeatures: {}\n",
         env!("CARGO_PKG_VERSION"),
-        option_env!("WSDRAIN_GIT_COMMIT").unwrap_or("unknown"),
+        option_env!("WSDRAIN_GIT_COMMIT")
+            .filter(|c| !c.is_empty())
+            .unwrap_or("unknown"),
         env!("WSDRAIN_BUILD_PROFILE"),
         if features.is_empty() {
             "none".to_owned()
