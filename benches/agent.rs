@@ -8,7 +8,7 @@
 //! its handle drops (normal end or panic) and by the kernel if this process dies.
 //!
 //! Footprint: binary size and idle RSS of the slim sidecar (`--no-default-features`),
-//! the full development build and a minimal hyper "hello" server (`benches/floor.rs`),
+//! the full development build and a minimal hyper "hello" server (`examples/hyper_floor.rs`),
 //! all built in the same profile by `make bench` and passed in `WSDRAIN_BENCH_BIN`,
 //! `WSDRAIN_BENCH_FULL_BIN` and `WSDRAIN_BENCH_FLOOR_BIN`. The 5k-session pod runs the
 //! echo app from the full build (the slim one has none).
@@ -109,7 +109,9 @@ fn main() {
             kib(f.anon)
         );
     }
-    let floor = footprint.iter().find(|f| f.label.starts_with("hyper floor"));
+    let floor = footprint
+        .iter()
+        .find(|f| f.label.starts_with("hyper floor"));
     for f in &footprint {
         let ratio = floor.map(|fl| f.rss as f64 / fl.rss.max(1) as f64);
         let (goal, verdict) = match (f.label.starts_with("sidecar"), ratio) {
@@ -231,8 +233,16 @@ fn footprint(bin: &Path) -> Vec<Footprint> {
     let var = |name: &str| std::env::var_os(name).map(PathBuf::from);
     let candidates = [
         ("sidecar (measured binary)", Some(bin.to_path_buf()), false),
-        ("full build (lab + echo)", var("WSDRAIN_BENCH_FULL_BIN"), false),
-        ("hyper floor (benches/floor.rs)", var("WSDRAIN_BENCH_FLOOR_BIN"), true),
+        (
+            "full build (lab + echo)",
+            var("WSDRAIN_BENCH_FULL_BIN"),
+            false,
+        ),
+        (
+            "hyper floor (examples/hyper_floor.rs)",
+            var("WSDRAIN_BENCH_FLOOR_BIN"),
+            true,
+        ),
     ];
     for (label, path, is_floor) in candidates {
         let Some(path) = path else { continue };

@@ -32,8 +32,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the drain sidecar next to the app.
-    #[command(after_help = "Example (the app serves WebSockets on :8080, admin API on :8081):
-  wsdrain agent --ports 8080 --admin-url http://127.0.0.1:8081 --grace-period 60s")]
+    #[command(
+        after_help = "Example (the app serves WebSockets on :8080, admin API on :8081):
+  wsdrain agent --ports 8080 --admin-url http://127.0.0.1:8081 --grace-period 60s"
+    )]
     Agent(AgentArgs),
     /// Run the mutating admission webhook that injects the agent.
     #[command(after_help = "Example (certificate mounted by cert-manager):
@@ -124,10 +126,13 @@ fn main() -> ExitCode {
 /// at build time (`make` and the image scripts set WSDRAIN_GIT_COMMIT), the profile from
 /// build.rs.
 fn version_text() -> String {
-    let features: Vec<&str> = [("echo", cfg!(feature = "echo")), ("lab", cfg!(feature = "lab"))]
-        .into_iter()
-        .filter_map(|(name, on)| on.then_some(name))
-        .collect();
+    let features: Vec<&str> = [
+        ("echo", cfg!(feature = "echo")),
+        ("lab", cfg!(feature = "lab")),
+    ]
+    .into_iter()
+    .filter_map(|(name, on)| on.then_some(name))
+    .collect();
     format!(
         "wsdrain {}\ncommit: {}\nprofile: {}\nfeatures: {}\n",
         env!("CARGO_PKG_VERSION"),
@@ -182,11 +187,17 @@ mod tests {
             if name == "help" {
                 continue;
             }
-            let help = sub.get_after_help().map(|h| h.to_string()).unwrap_or_default();
+            let help = sub
+                .get_after_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
             let examples: Vec<&str> = help
                 .lines()
                 .map(str::trim)
-                .filter_map(|l| l.split(['|', '>']).find(|p| p.trim().starts_with("wsdrain ")))
+                .filter_map(|l| {
+                    l.split(['|', '>'])
+                        .find(|p| p.trim().starts_with("wsdrain "))
+                })
                 .collect();
             assert!(!examples.is_empty(), "`wsdrain {name}` has no example");
             for example in examples {
