@@ -1,4 +1,4 @@
-//! Client of the app's admin API v1 (DESIGN.md, "Contract: app admin API v1").
+//! Client of the app's admin API v1 (docs/admin-api.md).
 //!
 //! One plain HTTP/1.1 connection per call (calls are rare: one per close batch or
 //! poll), the whole call bounded by the client's timeout, the answer bounded in size.

@@ -1,4 +1,4 @@
-//! The agent HTTP API (DESIGN.md, "agent HTTP API"): probes, hooks, status, metrics.
+//! The agent HTTP API (docs/agent.md, "API"): probes, hooks, status, metrics.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};

@@ -1,4 +1,4 @@
-//! Agent options: every flag is also a `WSDRAIN_*` env var (DESIGN.md, "agent options").
+//! Agent options: every flag is also a `WSDRAIN_*` env var (docs/agent.md, "Options").
 //! `AgentArgs` is what clap parses; `AgentArgs::validate` turns it into an `AgentConfig`
 //! whose fields are all checked, so the rest of the agent never sees a bad value.
 

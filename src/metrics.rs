@@ -1,4 +1,4 @@
-//! The agent's Prometheus metrics (names fixed by DESIGN.md, "agent HTTP API").
+//! The agent's Prometheus metrics (names and meanings in docs/agent.md, "Metrics").
 
 use std::sync::atomic::AtomicU64;
 

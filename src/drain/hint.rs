@@ -1,4 +1,4 @@
-//! The reconnect hint carried in the close frame's reason (DESIGN.md, "reconnect hint").
+//! The reconnect hint carried in the close frame's reason (docs/reconnect-hint.md).
 
 use thiserror::Error;
 

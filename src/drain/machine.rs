@@ -1,4 +1,4 @@
-//! The drain timeline as a pure state machine (DESIGN.md, "The drain timeline").
+//! The drain timeline as a pure state machine (docs/agent.md, "Timeline").
 //!
 //! No sockets, no sleeps: the caller feeds connection snapshots and admin answers with the
 //! current `Instant`, and asks `next(now)` what to do. The async runner does the I/O.

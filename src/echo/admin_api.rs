@@ -1,4 +1,4 @@
-//! The app side of admin API v1 (DESIGN.md, "Contract: app admin API v1").
+//! The app side of admin API v1 (docs/admin-api.md).
 //!
 //! `POST /drain {"max":N,"code":C,"reason":"..."}` → `{"closed":n,"remaining":m}`
 //! `GET /connections` → `{"open":n}`

@@ -15,7 +15,7 @@ mod pod;
 
 /// Image used when neither the webhook nor `inject` is told otherwise.
 pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/wsdrain/wsdrain:", env!("CARGO_PKG_VERSION"));
-/// Port of the agent HTTP API (DESIGN.md, "agent HTTP API").
+/// Port of the agent HTTP API (docs/agent.md, "API").
 pub const AGENT_PORT: u16 = 19901;
 /// Name of the injected agent container.
 pub const AGENT_NAME: &str = "wsdrain";

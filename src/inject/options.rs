@@ -1,4 +1,4 @@
-//! The pod's `wsdrain.io/*` annotations, parsed and checked (DESIGN.md, "injection").
+//! The pod's `wsdrain.io/*` annotations, parsed and checked (docs/injection.md, "Annotations").
 
 use std::time::Duration;
 

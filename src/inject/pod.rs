@@ -355,7 +355,7 @@ fn resolve_ports(app: &Value, options: &Options) -> Result<Vec<u16>, InjectError
     Ok(out)
 }
 
-/// Makes drain timeout + app reserve fit in terminationGracePeriodSeconds (DESIGN.md):
+/// Makes drain timeout + app reserve fit in terminationGracePeriodSeconds (docs/injection.md, "Grace-period arithmetic"):
 /// raise the grace period or shrink the drain timeout. Returns (grace, drain timeout).
 fn fit_grace(
     spec: &Map<String, Value>,
