@@ -385,7 +385,7 @@ impl Latencies {
     }
 }
 
-fn sequential_rounds(bin: &PathBuf, flag: &str, poll: Duration) -> Latencies {
+fn sequential_rounds(bin: &Path, flag: &str, poll: Duration) -> Latencies {
     let end = Instant::now() + ROUNDS_LIMIT;
     let mut lat = Latencies::default();
     while lat.ok.len() + lat.failed < ROUNDS && Instant::now() < end {
@@ -394,7 +394,7 @@ fn sequential_rounds(bin: &PathBuf, flag: &str, poll: Duration) -> Latencies {
     lat
 }
 
-fn concurrent_rounds(bin: &PathBuf, flag: &str, poll: Duration, n: usize) -> Latencies {
+fn concurrent_rounds(bin: &Path, flag: &str, poll: Duration, n: usize) -> Latencies {
     let mut lat = Latencies::default();
     thread::scope(|s| {
         let rounds: Vec<_> = (0..n)
@@ -408,7 +408,7 @@ fn concurrent_rounds(bin: &PathBuf, flag: &str, poll: Duration, n: usize) -> Lat
 }
 
 /// One pod: HELD connections, /prestop, close them all, time to the answer.
-fn release_round(bin: &PathBuf, flag: &str, poll: Duration) -> Option<Duration> {
+fn release_round(bin: &Path, flag: &str, poll: Duration) -> Option<Duration> {
     let ip = pod_ip();
     let listener = TcpListener::bind((ip, 0)).expect("bind app port");
     let port = listener.local_addr().expect("addr").port();
@@ -479,7 +479,7 @@ struct Memory {
 
 /// A pod with the echo app and 5k WebSocket sessions; the agent's RSS before, during and
 /// after draining them.
-fn memory(bin: &PathBuf, echo_bin: &Path) -> Memory {
+fn memory(bin: &Path, echo_bin: &Path) -> Memory {
     let ip = pod_ip();
     let app = SocketAddr::new(ip, free_port(ip));
     let admin = SocketAddr::new(ip, free_port(ip));

@@ -108,7 +108,7 @@ fn every_subcommand_help_has_an_example_and_the_global_flag_once() {
         assert!(top.contains(&format!("\n  {sub} ")), "--help lists {sub}");
         let help = stdout(&[sub, "--help"]);
         assert!(
-            help.contains(&format!("Example")) && help.contains(&format!("  wsdrain {sub}")),
+            help.contains("Example") && help.contains(&format!("  wsdrain {sub}")),
             "`wsdrain {sub} --help` has no example:\n{help}"
         );
         assert_eq!(
