@@ -48,8 +48,8 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c 'import websockets, kubernetes_validate' 2>/dev/null; then
-  echo "setup: pip install websockets kubernetes-validate"
+if ! .venv/bin/python -c 'import websockets, kubernetes_validate, promql_parser' 2>/dev/null; then
+  echo "setup: pip install websockets kubernetes-validate promql-parser"
   .venv/bin/pip install -q --disable-pip-version-check -r scripts/requirements.txt
 fi
 

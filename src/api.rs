@@ -1,4 +1,4 @@
-//! The agent HTTP API (docs/agent.md, "API"): probes, hooks, status, metrics.
+//! The agent HTTP API (docs/agent.md, "HTTP API"): probes, hooks, status, metrics.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 
 use crate::drain::report::Trigger;
 use crate::drain::runner::Drainer;
+use crate::metrics::Metrics;
 use crate::net::{json, text};
 
 pub const TOKEN_HEADER: &str = "X-Wsdrain-Token";
@@ -70,14 +71,19 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 struct State {
     drainer: Drainer,
+    metrics: Arc<Metrics>,
     guard: Guard,
 }
 
 type Resp = Response<Full<Bytes>>;
 
 /// Serves the API on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, drainer: Drainer, guard: Guard) {
-    let state = Arc::new(State { drainer, guard });
+pub async fn serve(listener: TcpListener, drainer: Drainer, metrics: Arc<Metrics>, guard: Guard) {
+    let state = Arc::new(State {
+        drainer,
+        metrics,
+        guard,
+    });
     loop {
         let (stream, peer) = crate::net::accept(&listener).await;
         let state = state.clone();
@@ -135,11 +141,10 @@ async fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Resp 
         }
         ("/status", &Method::GET) => json(StatusCode::OK, &status_json(state).await),
         ("/metrics", &Method::GET) => {
-            if !state.drainer.is_draining() {
-                state.drainer.count().await;
-            }
+            // While serving this counts now; while draining the runner counts.
+            state.drainer.count().await;
             let mut resp = text(StatusCode::OK, "");
-            *resp.body_mut() = Full::new(Bytes::from(state.drainer.metrics().encode()));
+            *resp.body_mut() = Full::new(Bytes::from(state.metrics.encode()));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static(
@@ -156,19 +161,11 @@ async fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Resp 
 }
 
 async fn status_json(state: &State) -> serde_json::Value {
-    match state.drainer.status() {
-        Some(status) => json!({
-            "status": status,
-            "summary": state.drainer.summary(),
-        }),
-        None => json!({
-            "status": {
-                "state": "Serving",
-                "connections": state.drainer.count().await,
-            },
-            "summary": null,
-        }),
-    }
+    state.drainer.count().await;
+    json!({
+        "status": state.drainer.status(),
+        "summary": state.drainer.summary(),
+    })
 }
 
 fn refused(code: StatusCode, msg: &'static str, peer: SocketAddr) -> Resp {

@@ -1,11 +1,10 @@
 //! wsdrain: graceful pod termination for WebSocket services.
-//! docs/architecture.md maps the modules and says where each contract is written.
+//! docs/architecture.md maps the modules; docs/ holds the contracts they share.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod agent;
 pub mod api;
-pub mod config;
 pub mod conn;
 pub mod drain;
 #[cfg(feature = "echo")]
@@ -20,5 +19,6 @@ pub mod metrics;
 pub mod net;
 pub mod prestop;
 pub mod signals;
+pub mod units;
 pub mod webhook;
 pub mod wrap;

@@ -5,7 +5,8 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use wsdrain::config::{AgentArgs, LogFormat};
+use wsdrain::agent::config::AgentArgs;
+use wsdrain::logging::LogFormat;
 
 #[derive(Parser)]
 #[command(

@@ -1,4 +1,5 @@
-//! The agent's Prometheus metrics (names and meanings in docs/agent.md, "Metrics").
+//! The agent's Prometheus metrics (docs/monitoring.md). Filled by the drain through its
+//! `Observer` seam, and by the edges (Kubernetes API failures, proxy, fleet).
 
 use std::sync::atomic::AtomicU64;
 
@@ -6,17 +7,34 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
+
+use crate::drain::report::Summary;
+use crate::drain::seams::Observer;
+use crate::drain::Phase;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub connections: Gauge,
     pub drain_state: Gauge,
+    /// State set: 1 for the current phase, 0 for the others.
+    pub drain_phase: Family<PhaseLabel, Gauge>,
     pub drain_duration_seconds: Gauge<f64, AtomicU64>,
     pub closes_requested: Counter,
     pub forced_remaining: Gauge,
@@ -37,6 +55,7 @@ impl Metrics {
         let m = Metrics {
             connections: Gauge::default(),
             drain_state: Gauge::default(),
+            drain_phase: Family::default(),
             drain_duration_seconds: Gauge::default(),
             closes_requested: Counter::default(),
             forced_remaining: Gauge::default(),
@@ -54,6 +73,18 @@ impl Metrics {
             "drain_state",
             "0 serving, 1 settling, 2 closing, 3 waiting, 4 drained, 5 deadline exceeded",
             m.drain_state.clone(),
+        );
+        registry.register(
+            "drain_phase",
+            "The drain phase as a state set: 1 for the current phase",
+            m.drain_phase.clone(),
+        );
+        registry.register(
+            "build",
+            "wsdrain build information",
+            Info::new(BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            }),
         );
         registry.register(
             "drain_duration_seconds",
@@ -85,7 +116,18 @@ impl Metrics {
             "Failed Kubernetes API calls",
             m.kube_failures.clone(),
         );
-        Metrics { registry, ..m }
+        let m = Metrics { registry, ..m };
+        m.set_phase(Phase::Serving);
+        m
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        self.drain_state.set(phase.gauge());
+        for p in Phase::ALL {
+            self.drain_phase
+                .get_or_create(&PhaseLabel { phase: p.label() })
+                .set(i64::from(p == phase));
+        }
     }
 
     pub fn admin_result(&self, result: &'static str) {
@@ -100,6 +142,36 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+impl Observer for Metrics {
+    fn counted(&self, connections: u64) {
+        self.connections
+            .set(connections.min(i64::MAX as u64) as i64);
+    }
+
+    fn count_failed(&self) {
+        self.count_errors.inc();
+    }
+
+    fn phase(&self, phase: Phase) {
+        self.set_phase(phase);
+    }
+
+    fn close_requested(&self, max: u64) {
+        self.closes_requested.inc_by(max);
+    }
+
+    fn close_result(&self, label: &'static str) {
+        self.admin_result(label);
+    }
+
+    fn finished(&self, summary: &Summary) {
+        self.drain_duration_seconds
+            .set(summary.duration_ms as f64 / 1000.0);
+        self.forced_remaining
+            .set(summary.remaining.min(i64::MAX as u64) as i64);
     }
 }
 
@@ -120,6 +192,9 @@ mod tests {
             "wsdrain_closes_requested_total 3",
             "wsdrain_forced_remaining ",
             "wsdrain_admin_requests_total{result=\"timeout\"} 1",
+            "wsdrain_drain_phase{phase=\"serving\"} 1",
+            "wsdrain_drain_phase{phase=\"closing\"} 0",
+            "wsdrain_build_info{version=",
         ] {
             assert!(text.contains(name), "{name} missing in:\n{text}");
         }

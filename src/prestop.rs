@@ -10,8 +10,8 @@ use http_body_util::Empty;
 use hyper::Request;
 
 use crate::api::TOKEN_HEADER;
-use crate::config::parse_duration;
 use crate::http1::{self, Endpoint, read_limited};
+use crate::units::parse_duration;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct PrestopArgs {

@@ -13,10 +13,10 @@ use kube::client::Body;
 use serde_json::{Value, json};
 use tower_test::mock::{self, Handle, SendResponse};
 
-use wsdrain::config::PodRef;
 use wsdrain::drain::report::{Notice, Outcome, Summary, Trigger};
+use wsdrain::kube::PodRef;
 use wsdrain::kube::{
-    Call, Kind, MAX_TERMINATION_MESSAGE, PodLink, drain_deadline, termination_message,
+    Call, Kind, MAX_TERMINATION_MESSAGE, PodLink, kill_instant, termination_message,
     write_termination_message,
 };
 
@@ -155,17 +155,12 @@ async fn every_failure_leaves_the_timeline_unchanged() {
         drop(held);
     });
 
-    // The probe the agent's drain runner calls: on every failure it must say "no deadline
-    // known", so the runner keeps its configured deadline, as with the client off.
+    // The read at drain start: on every failure it must say "no deletion known", so the
+    // drain keeps its own timeout, as with the client off.
     let link = std::sync::Arc::new(link);
-    let probe = wsdrain::kube::deadline_probe(
-        link.clone(),
-        Duration::from_secs(25),
-        Duration::from_secs(5),
-    );
     for n in 1..=9u64 {
         let started = Instant::now();
-        assert_eq!(probe().await, None, "failure {n}");
+        assert_eq!(wsdrain::kube::kill_time(&link).await, None, "failure {n}");
         assert!(
             started.elapsed() < Duration::from_secs(1),
             "call {n} not bounded"
@@ -212,49 +207,16 @@ async fn connection_refused_is_a_counted_failure() {
 // ---- deadline -----------------------------------------------------------------------
 
 #[test]
-fn deadline_from_deletion_timestamp() {
+fn deletion_timestamp_maps_to_the_monotonic_clock() {
     let now = Instant::now();
     let wall = SystemTime::now();
-    let configured = now + Duration::from_secs(25);
-    let reserve = Duration::from_secs(5);
-    // Absent: configured.
+    // kubectl delete --grace-period=12: SIGKILL 12 s from now.
     assert_eq!(
-        drain_deadline(configured, now, wall, None, reserve),
-        configured
+        kill_instant(wall + Duration::from_secs(12), now, wall),
+        now + Duration::from_secs(12)
     );
-    // Near future (kubectl delete --grace-period=12): 12 s − 5 s reserve.
-    assert_eq!(
-        drain_deadline(
-            configured,
-            now,
-            wall,
-            Some(wall + Duration::from_secs(12)),
-            reserve
-        ),
-        now + Duration::from_secs(7)
-    );
-    // Past: drain must end now.
-    assert_eq!(
-        drain_deadline(
-            configured,
-            now,
-            wall,
-            Some(wall - Duration::from_secs(3)),
-            reserve
-        ),
-        now
-    );
-    // Later than configured: configured.
-    assert_eq!(
-        drain_deadline(
-            configured,
-            now,
-            wall,
-            Some(wall + Duration::from_secs(60)),
-            reserve
-        ),
-        configured
-    );
+    // Past: before now (the drain machine then ends the drain at once).
+    assert!(kill_instant(wall - Duration::from_secs(3), now, wall) <= now);
 }
 
 // ---- readiness gate -------------------------------------------------------------------
@@ -582,7 +544,7 @@ fn manifests_pass_strict_validation() {
 // ---- wiring into the drain runner ------------------------------------------------------------
 
 #[tokio::test]
-async fn deadline_probe_maps_deletion_to_instant() {
+async fn kill_time_maps_deletion_to_instant() {
     use k8s_openapi::jiff::Timestamp;
     let (link, mut handle) = mock_link(false);
     let in_12s = Timestamp::from_second(Timestamp::now().as_second() + 12)
@@ -596,21 +558,18 @@ async fn deadline_probe_maps_deletion_to_instant() {
         let (_, send) = next(&mut handle).await;
         respond(send, 403, &status_json(403, "Forbidden"));
     });
-    let probe = wsdrain::kube::deadline_probe(
-        std::sync::Arc::new(link),
-        Duration::from_secs(25),
-        Duration::from_secs(5),
-    );
     let before = Instant::now();
-    let d = probe().await.expect("deadline from deletionTimestamp");
-    // 12 s − 5 s reserve, with the timestamp's one-second resolution.
+    let d = wsdrain::kube::kill_time(&link)
+        .await
+        .expect("SIGKILL time from deletionTimestamp");
+    // 12 s, with the timestamp's one-second resolution.
     let left = d.duration_since(before);
     assert!(
-        left > Duration::from_secs(5) && left <= Duration::from_secs(8),
+        left > Duration::from_secs(10) && left <= Duration::from_secs(13),
         "{left:?}"
     );
-    assert_eq!(probe().await, None);
-    assert_eq!(probe().await, None);
+    assert_eq!(wsdrain::kube::kill_time(&link).await, None);
+    assert_eq!(wsdrain::kube::kill_time(&link).await, None);
     server.await.unwrap();
 }
 

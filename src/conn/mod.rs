@@ -1,4 +1,5 @@
-//! Counting the pod's established TCP connections on the app ports.
+//! Counting the pod's established TCP connections on the app ports: the drain's
+//! `SessionCounter` when the agent is not in the data path.
 //!
 //! sock_diag (netlink) is the primary backend: the kernel filters by port and state and
 //! it needs no privilege. `/proc/net/tcp{,6}` is the fallback when netlink is not
@@ -8,21 +9,18 @@ pub mod procfs;
 pub mod sockdiag;
 
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
+
+pub use crate::drain::seams::Snapshot;
+use crate::drain::seams::{BoxFuture, CountError, SessionCounter};
 
 /// Which sockets count: local port in `ports`, and local address `address` when set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Filter {
     pub ports: Vec<u16>,
     pub address: Option<IpAddr>,
-}
-
-/// One id per established socket (sock_diag cookie, or /proc inode): a new id is a new
-/// connection. Ids are sorted and unique. The two backends use different id spaces.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Snapshot {
-    pub ids: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -57,15 +55,38 @@ pub struct Counter {
     inner: Inner,
 }
 
-/// What the drain needs from a counter: one snapshot at a time (blocking I/O; the
-/// runner calls it off the async threads). `Counter` is the real one.
-pub trait CountSockets: Send {
-    fn snapshot(&mut self) -> Result<Snapshot, ConnError>;
+/// The drain's session counter over sockets: one snapshot at a time, the blocking
+/// netlink or /proc read done off the async threads. Ids are sock_diag cookies or /proc
+/// inodes (a new id is a new connection).
+#[derive(Clone)]
+pub struct SocketCounter {
+    inner: Arc<Mutex<Counter>>,
 }
 
-impl CountSockets for Counter {
-    fn snapshot(&mut self) -> Result<Snapshot, ConnError> {
-        Counter::snapshot(self)
+impl SocketCounter {
+    pub fn new(counter: Counter) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(counter)),
+        }
+    }
+}
+
+impl SessionCounter for SocketCounter {
+    fn snapshot(&self) -> BoxFuture<'_, Result<Snapshot, CountError>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let counted = tokio::task::spawn_blocking(move || {
+                // A poisoned lock only means a panicked count; the counter itself is fine.
+                let mut c = inner.lock().unwrap_or_else(|p| p.into_inner());
+                c.snapshot()
+            })
+            .await;
+            match counted {
+                Ok(Ok(snap)) => Ok(snap),
+                Ok(Err(e)) => Err(CountError(e.to_string())),
+                Err(e) => Err(CountError(format!("counting task failed: {e}"))),
+            }
+        })
     }
 }
 

@@ -1,7 +1,9 @@
 //! The drain timeline as a pure state machine (docs/agent.md, "Timeline").
 //!
-//! No sockets, no sleeps: the caller feeds connection snapshots and admin answers with the
-//! current `Instant`, and asks `next(now)` what to do. The async runner does the I/O.
+//! No sockets, no sleeps: the caller feeds events (a trigger, a connection snapshot, a
+//! close answer, the pod's deletion time, a fleet close rate) with the current `Instant`,
+//! and asks `next(now)` what to do. The async runner does the I/O. Every source of a
+//! deadline is an event here, and this machine alone decides the deadline.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -10,37 +12,8 @@ use serde::Serialize;
 
 use super::pacing;
 use super::report::{Outcome, Summary, Trigger};
-use crate::admin::DrainReply;
-use crate::config::{AgentConfig, DurationRange};
-
-/// The knobs of one drain, taken from `AgentConfig`.
-#[derive(Debug, Clone)]
-pub struct Timings {
-    pub settle_min: Duration,
-    pub settle_quiet: Duration,
-    pub settle_max: Duration,
-    pub close_tick: Duration,
-    pub close_window: Duration,
-    pub poll: Duration,
-    pub reconnect_after: DurationRange,
-    /// Whether an admin endpoint exists; without one the drain only waits.
-    pub has_admin: bool,
-}
-
-impl Timings {
-    pub fn from_config(cfg: &AgentConfig) -> Self {
-        Self {
-            settle_min: cfg.settle_min,
-            settle_quiet: cfg.settle_quiet,
-            settle_max: cfg.settle_max,
-            close_tick: cfg.close_tick,
-            close_window: cfg.close_window,
-            poll: cfg.poll,
-            reconnect_after: cfg.reconnect_after,
-            has_admin: cfg.admin_url.is_some(),
-        }
-    }
-}
+use super::seams::CloseReply;
+use super::settings::Settings;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Phase {
@@ -53,9 +26,30 @@ pub enum Phase {
 }
 
 impl Phase {
+    pub const ALL: [Phase; 6] = [
+        Phase::Serving,
+        Phase::Settling,
+        Phase::Closing,
+        Phase::Waiting,
+        Phase::Drained,
+        Phase::DeadlineExceeded,
+    ];
+
     /// The value of the `wsdrain_drain_state` gauge.
     pub fn gauge(self) -> i64 {
         self as i64
+    }
+
+    /// The `phase` label of the `wsdrain_drain_phase` state set.
+    pub fn label(self) -> &'static str {
+        match self {
+            Phase::Serving => "serving",
+            Phase::Settling => "settling",
+            Phase::Closing => "closing",
+            Phase::Waiting => "waiting",
+            Phase::Drained => "drained",
+            Phase::DeadlineExceeded => "deadline_exceeded",
+        }
     }
 
     pub fn is_done(self) -> bool {
@@ -63,101 +57,129 @@ impl Phase {
     }
 }
 
+/// Which input set the deadline in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadlineSource {
+    /// Trigger + drain timeout.
+    Timeout,
+    /// The pod's deletion time (SIGKILL) minus the app reserve.
+    PodDeletion,
+}
+
 /// What the runner should do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Count connections again at `until` (or earlier, the runner may poll more often).
+    /// Count again at `until`, or earlier when the counter says the count changed.
     Sleep { until: Instant },
-    /// Ask the app to close up to `max` sessions with a hint of `after_ms`, then call
-    /// `close_answered`. No other close is asked for until then.
+    /// Close up to `max` sessions with a hint of `after_ms`, then call `close_answered`.
+    /// No other close is asked for until then.
     Close { max: u64, after_ms: u64 },
-    /// The drain ended.
+    /// The drain ended (or none is running: `Idle`).
     Finished(Summary),
+    /// Serving: nothing to do until a trigger.
+    Idle,
 }
 
-/// Longest pause between close attempts while the admin endpoint keeps failing.
-const MAX_ADMIN_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest pause between close attempts while the closer keeps failing.
+const MAX_CLOSE_BACKOFF: Duration = Duration::from_secs(1);
 /// Time kept after the close window for clients to finish the close handshake.
 const MAX_TAIL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 struct Closing {
     window_start: Instant,
+    /// End of the configured window (before any stretching by a close rate).
+    nominal_end: Instant,
     window_end: Instant,
     next_tick: Instant,
     batches: u64,
-    /// Open sessions as the app last reported them (socket count before its first answer).
+    /// Open sessions as the closer last reported them (socket count before its first answer).
     estimate: u64,
     /// `max` of the close request in flight.
     asked: u64,
     in_flight: bool,
     failures_in_row: u32,
+    /// The close rate in force, unless the deadline overrides it.
+    rate: Option<f64>,
 }
 
+/// One drain, from its trigger on.
 #[derive(Debug, Clone)]
-pub struct Drain {
-    t: Timings,
+struct Run {
     trigger: Trigger,
-    phase: Phase,
     started: Instant,
     deadline: Instant,
-    /// Socket ids of the last snapshot: an id not in it is a new connection.
-    seen: HashSet<u64>,
-    last_new: Instant,
-    /// `None` until the first successful count: unknown is never taken as zero.
-    count: Option<u64>,
+    deadline_source: DeadlineSource,
     connections_at_start: Option<u64>,
     settle_end: Option<Instant>,
     close_end: Option<Instant>,
     closing: Option<Closing>,
     closes_requested: u64,
     sessions_closed: u64,
-    admin_failures: u64,
+    close_failures: u64,
+    rate_yielded: bool,
     summary: Option<Summary>,
 }
 
-/// A point-in-time view for /status and metrics.
+/// The agent's whole life as one timeline: Serving until a trigger, then one drain.
+#[derive(Debug, Clone)]
+pub struct Timeline {
+    s: Settings,
+    /// Whether a closer exists; without one the drain only waits.
+    can_close: bool,
+    phase: Phase,
+    /// Ids of the last snapshot: an id not in it is a new connection.
+    seen: HashSet<u64>,
+    /// `None` until a successful count (since the trigger, once draining): unknown is
+    /// never taken as zero.
+    count: Option<u64>,
+    last_new: Option<Instant>,
+    /// SIGKILL time of the pod, once its deletion is known.
+    kill_at: Option<Instant>,
+    /// Sessions per second this pod may close (fleet budget); `None` = no budget.
+    close_rate: Option<f64>,
+    run: Option<Run>,
+}
+
+/// A point-in-time view for /status, metrics and peers.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub state: Phase,
-    pub trigger: Trigger,
+    pub trigger: Option<Trigger>,
     pub connections: Option<u64>,
     pub connections_at_start: Option<u64>,
-    /// Sessions the app reported open after its last close (None before the first answer).
+    /// Sessions the closer reported open after its last close (None before an answer).
     pub sessions: Option<u64>,
+    /// Time since the trigger (0 while serving).
     pub elapsed_ms: u64,
-    pub deadline_in_ms: u64,
+    pub deadline_in_ms: Option<u64>,
+    pub deadline_source: Option<DeadlineSource>,
     pub closes_requested: u64,
     pub sessions_closed: u64,
     pub admin_failures: u64,
     pub settle_ms: Option<u64>,
+    pub close_rate: Option<f64>,
+    /// The fleet close budget could not finish before the deadline and was exceeded.
+    pub close_rate_yielded: bool,
 }
 
-fn ms(d: Duration) -> u64 {
+pub fn ms(d: Duration) -> u64 {
     d.as_millis().min(u64::MAX as u128) as u64
 }
 
-impl Drain {
-    /// Starts a drain at `now` (the pod is unready from here on). The first `observe` is
-    /// the baseline: its sockets are the ones present at the start, not new arrivals.
-    pub fn start(t: Timings, trigger: Trigger, now: Instant, deadline: Instant) -> Self {
+impl Timeline {
+    pub fn new(s: Settings, can_close: bool) -> Self {
         Self {
-            t,
-            trigger,
-            phase: Phase::Settling,
-            started: now,
-            deadline: deadline.max(now),
+            s,
+            can_close,
+            phase: Phase::Serving,
             seen: HashSet::new(),
-            last_new: now,
             count: None,
-            connections_at_start: None,
-            settle_end: None,
-            close_end: None,
-            closing: None,
-            closes_requested: 0,
-            sessions_closed: 0,
-            admin_failures: 0,
-            summary: None,
+            last_new: None,
+            kill_at: None,
+            close_rate: None,
+            run: None,
         }
     }
 
@@ -165,38 +187,93 @@ impl Drain {
         self.phase
     }
 
-    pub fn deadline(&self) -> Instant {
-        self.deadline
+    pub fn settings(&self) -> &Settings {
+        &self.s
+    }
+
+    /// True from the first trigger on.
+    pub fn is_draining(&self) -> bool {
+        self.run.is_some()
+    }
+
+    pub fn deadline(&self) -> Option<Instant> {
+        self.run.as_ref().map(|r| r.deadline)
     }
 
     pub fn summary(&self) -> Option<&Summary> {
-        self.summary.as_ref()
+        self.run.as_ref().and_then(|r| r.summary.as_ref())
     }
 
-    /// Moves the deadline earlier (the pod's real deletion deadline became known).
-    pub fn shorten_deadline(&mut self, deadline: Instant) {
-        if deadline < self.deadline {
-            self.deadline = deadline.max(self.started);
+    /// Event: a trigger. Starts the drain (the pod is unready from here on) and returns
+    /// true, or joins the running one and returns false. The first count after it is the
+    /// baseline: its sockets are the ones present at the start, not new arrivals.
+    pub fn trigger(&mut self, now: Instant, trigger: Trigger) -> bool {
+        if self.run.is_some() {
+            return false;
         }
+        let (deadline, deadline_source) = self.deadline_from(now);
+        self.run = Some(Run {
+            trigger,
+            started: now,
+            deadline,
+            deadline_source,
+            connections_at_start: None,
+            settle_end: None,
+            close_end: None,
+            closing: None,
+            closes_requested: 0,
+            sessions_closed: 0,
+            close_failures: 0,
+            rate_yielded: false,
+            summary: None,
+        });
+        self.phase = Phase::Settling;
+        self.count = None;
+        self.last_new = Some(now);
+        true
     }
 
-    /// Feeds a connection snapshot taken at `now`.
+    /// Event: the pod is being deleted and the kubelet sends SIGKILL at `kill_at`. Starts
+    /// the drain if none runs (returns true then); the deadline becomes
+    /// `kill_at − app reserve` when that is earlier.
+    pub fn pod_deleting(&mut self, now: Instant, kill_at: Instant) -> bool {
+        self.kill_at = Some(self.kill_at.map_or(kill_at, |k| k.min(kill_at)));
+        if self.trigger(now, Trigger::PodDeletion) {
+            return true;
+        }
+        let (deadline, source) = self.deadline_from(now);
+        self.apply_deadline(now, deadline, source);
+        false
+    }
+
+    /// Event: the fleet budget for this pod changed (`None` = no budget).
+    pub fn set_close_rate(&mut self, now: Instant, rate: Option<f64>) {
+        self.close_rate = rate.filter(|r| r.is_finite() && *r > 0.0);
+        self.replan(now);
+    }
+
+    /// Event: a snapshot of the live connection (or session) ids taken at `now`.
     pub fn observe(&mut self, now: Instant, ids: &[u64]) {
         let current: HashSet<u64> = ids.iter().copied().collect();
         let n = current.len() as u64;
-        if self.count.is_none() {
-            self.connections_at_start = Some(n);
-        } else if current.iter().any(|id| !self.seen.contains(id)) {
-            self.last_new = now;
+        if let Some(run) = self.run.as_mut() {
+            if run.connections_at_start.is_none() {
+                run.connections_at_start = Some(n);
+            } else if current.iter().any(|id| !self.seen.contains(id)) {
+                self.last_new = Some(now);
+            }
         }
         self.count = Some(n);
         self.seen = current;
     }
 
-    /// Feeds the app's answer to the last `Action::Close` (`None` = the call failed).
-    pub fn close_answered(&mut self, now: Instant, reply: Option<DrainReply>) {
-        let tick = self.t.close_tick;
-        let Some(c) = self.closing.as_mut() else {
+    /// Event: the answer to the last `Action::Close` (`None` = the call failed).
+    pub fn close_answered(&mut self, now: Instant, reply: Option<CloseReply>) {
+        let tick = self.s.close_tick;
+        let Some(run) = self.run.as_mut() else {
+            return;
+        };
+        let Some(c) = run.closing.as_mut() else {
             return;
         };
         c.in_flight = false;
@@ -204,19 +281,19 @@ impl Drain {
             Some(r) => {
                 c.failures_in_row = 0;
                 c.estimate = r.remaining;
-                // The app's numbers are input: never trust more closes than asked for.
-                self.sessions_closed = self.sessions_closed.saturating_add(r.closed.min(c.asked));
+                // The closer's numbers are input: never trust more closes than asked for.
+                run.sessions_closed = run.sessions_closed.saturating_add(r.closed.min(c.asked));
                 if r.remaining == 0 && self.phase == Phase::Closing {
                     self.phase = Phase::Waiting;
-                    self.close_end = Some(now);
+                    run.close_end = Some(now);
                 }
             }
             None => {
-                self.admin_failures += 1;
+                run.close_failures += 1;
                 c.failures_in_row = c.failures_in_row.saturating_add(1);
                 let backoff = tick
                     .saturating_mul(1u32 << c.failures_in_row.min(10))
-                    .min(MAX_ADMIN_BACKOFF);
+                    .min(MAX_CLOSE_BACKOFF);
                 c.next_tick = now + backoff;
             }
         }
@@ -224,25 +301,31 @@ impl Drain {
 
     /// Advances the timeline and says what to do at `now`.
     pub fn next(&mut self, now: Instant) -> Action {
-        if let Some(s) = &self.summary {
+        let Some(run) = self.run.as_ref() else {
+            return Action::Idle;
+        };
+        if let Some(s) = &run.summary {
             return Action::Finished(s.clone());
         }
         if self.phase == Phase::Settling {
             if !self.settled(now) {
                 return self.sleep(now, Some(self.settle_wake(now)));
             }
-            self.settle_end = Some(now);
-            self.phase = if self.t.has_admin && self.count != Some(0) {
-                self.closing = Some(self.plan_closing(now));
+            let closes = self.can_close && self.count != Some(0);
+            if let Some(run) = self.run.as_mut() {
+                run.settle_end = Some(now);
+            }
+            self.phase = if closes {
+                self.start_closing(now);
                 Phase::Closing
             } else {
                 Phase::Waiting
             };
         }
-        if self.count == Some(0) && self.phase != Phase::Serving {
+        if self.count == Some(0) {
             return self.finish(now, Outcome::Drained);
         }
-        if now >= self.deadline {
+        if self.deadline().is_some_and(|d| now >= d) {
             return self.finish(now, Outcome::DeadlineExceeded);
         }
         if self.phase == Phase::Closing
@@ -251,55 +334,118 @@ impl Drain {
             return action;
         }
         let tick = self
-            .closing
+            .run
             .as_ref()
+            .and_then(|r| r.closing.as_ref())
             .filter(|c| self.phase == Phase::Closing && !c.in_flight)
             .map(|c| c.next_tick);
         self.sleep(now, tick)
     }
 
-    /// Settling is over once no new connection came for `quiet`, after at least `min`
-    /// and at most `max`; it never takes more than half the budget so closing keeps time.
-    fn settled(&self, now: Instant) -> bool {
-        let (min, max) = self.settle_bounds();
-        let elapsed = now.saturating_duration_since(self.started);
-        elapsed >= max
-            || (elapsed >= min
-                && now.saturating_duration_since(self.last_new) >= self.t.settle_quiet)
-    }
-
-    fn settle_bounds(&self) -> (Duration, Duration) {
-        let half = self.deadline.saturating_duration_since(self.started) / 2;
-        let max = self.t.settle_max.min(half);
-        (self.t.settle_min.min(max), max)
-    }
-
-    fn settle_wake(&self, now: Instant) -> Instant {
-        let (min, max) = self.settle_bounds();
-        let quiet_at = (self.last_new + self.t.settle_quiet).max(self.started + min);
-        quiet_at.min(self.started + max).max(now)
-    }
-
-    fn plan_closing(&self, now: Instant) -> Closing {
-        let left = self.deadline.saturating_duration_since(now);
-        let tail = (left / 4).min(MAX_TAIL);
-        let window = self.t.close_window.min(left - tail).max(self.t.close_tick);
-        Closing {
-            window_start: now,
-            window_end: now + window,
-            next_tick: now,
-            batches: 0,
-            estimate: self.count.unwrap_or(1),
-            asked: 0,
-            in_flight: false,
-            failures_in_row: 0,
+    /// The deadline a drain starting (or re-evaluated) at `now` has: the earliest of its
+    /// sources.
+    fn deadline_from(&self, now: Instant) -> (Instant, DeadlineSource) {
+        let started = self.run.as_ref().map_or(now, |r| r.started);
+        let by_timeout = started + self.s.drain_timeout;
+        let by_deletion = self
+            .kill_at
+            .map(|k| k.checked_sub(self.s.app_reserve).unwrap_or(started));
+        match by_deletion {
+            Some(d) if d < by_timeout => (d.max(started), DeadlineSource::PodDeletion),
+            _ => (by_timeout, DeadlineSource::Timeout),
         }
     }
 
+    /// Deadlines only move earlier.
+    fn apply_deadline(&mut self, now: Instant, deadline: Instant, source: DeadlineSource) {
+        let Some(run) = self.run.as_mut() else {
+            return;
+        };
+        if deadline < run.deadline {
+            run.deadline = deadline.max(run.started);
+            run.deadline_source = source;
+            self.replan(now);
+        }
+    }
+
+    /// Settling is over once no new connection came for `quiet`, after at least `min`
+    /// and at most `max`; it never takes more than half the budget so closing keeps time.
+    fn settled(&self, now: Instant) -> bool {
+        let Some(run) = self.run.as_ref() else {
+            return true;
+        };
+        let (min, max) = self.settle_bounds(run);
+        let elapsed = now.saturating_duration_since(run.started);
+        let last_new = self.last_new.unwrap_or(run.started);
+        elapsed >= max
+            || (elapsed >= min && now.saturating_duration_since(last_new) >= self.s.settle_quiet)
+    }
+
+    fn settle_bounds(&self, run: &Run) -> (Duration, Duration) {
+        let half = run.deadline.saturating_duration_since(run.started) / 2;
+        let max = self.s.settle_max.min(half);
+        (self.s.settle_min.min(max), max)
+    }
+
+    fn settle_wake(&self, now: Instant) -> Instant {
+        let Some(run) = self.run.as_ref() else {
+            return now;
+        };
+        let (min, max) = self.settle_bounds(run);
+        let last_new = self.last_new.unwrap_or(run.started);
+        let quiet_at = (last_new + self.s.settle_quiet).max(run.started + min);
+        quiet_at.min(run.started + max).max(now)
+    }
+
+    fn start_closing(&mut self, now: Instant) {
+        let estimate = self.count.unwrap_or(1);
+        let nominal_end = now + self.s.close_window;
+        if let Some(run) = self.run.as_mut() {
+            run.closing = Some(Closing {
+                window_start: now,
+                nominal_end,
+                window_end: nominal_end,
+                next_tick: now,
+                batches: 0,
+                estimate,
+                asked: 0,
+                in_flight: false,
+                failures_in_row: 0,
+                rate: None,
+            });
+        }
+        self.replan(now);
+    }
+
+    /// Fits the close window to the deadline and the fleet close rate.
+    fn replan(&mut self, now: Instant) {
+        let tick = self.s.close_tick;
+        let rate = self.close_rate;
+        let Some(run) = self.run.as_mut() else {
+            return;
+        };
+        let Some(c) = run.closing.as_mut() else {
+            return;
+        };
+        let left = run.deadline.saturating_duration_since(now);
+        let tail = (left / 4).min(MAX_TAIL);
+        let (window, yielded) = pacing::close_window(
+            c.estimate,
+            c.nominal_end.saturating_duration_since(now),
+            rate,
+            left - tail,
+            tick,
+        );
+        c.window_end = now + window;
+        c.rate = rate.filter(|_| !yielded);
+        run.rate_yielded |= yielded;
+    }
+
     fn close_batch(&mut self, now: Instant) -> Option<Action> {
-        let tick = self.t.close_tick;
-        let range = self.t.reconnect_after;
-        let c = self.closing.as_mut()?;
+        let tick = self.s.close_tick;
+        let range = self.s.reconnect_after;
+        let run = self.run.as_mut()?;
+        let c = run.closing.as_mut()?;
         if c.in_flight || now < c.next_tick {
             return None;
         }
@@ -316,8 +462,14 @@ impl Drain {
         c.batches += 1;
         c.in_flight = true;
         c.asked = max;
-        c.next_tick = now + tick;
-        self.closes_requested = self.closes_requested.saturating_add(max);
+        // A batch is at least one session: under a budget below one per tick, ticks
+        // are skipped so the rate holds.
+        let spacing = c
+            .rate
+            .and_then(|r| Duration::try_from_secs_f64(max as f64 / r).ok())
+            .unwrap_or_default();
+        c.next_tick = now + tick.max(spacing);
+        run.closes_requested = run.closes_requested.saturating_add(max);
         Some(Action::Close {
             max,
             after_ms: ms(after),
@@ -325,7 +477,10 @@ impl Drain {
     }
 
     fn sleep(&self, now: Instant, extra: Option<Instant>) -> Action {
-        let mut until = (now + self.t.poll).min(self.deadline);
+        let mut until = now + self.s.poll;
+        if let Some(d) = self.deadline() {
+            until = until.min(d);
+        }
         if let Some(at) = extra {
             until = until.min(at);
         }
@@ -339,47 +494,55 @@ impl Drain {
             Outcome::Drained => Phase::Drained,
             Outcome::DeadlineExceeded => Phase::DeadlineExceeded,
         };
-        let settle_end = self.settle_end.unwrap_or(now);
-        let close_start = self.closing.as_ref().map(|_| settle_end);
-        let close_end = self.close_end.unwrap_or(now);
+        let remaining = self.count.unwrap_or(0);
+        let Some(run) = self.run.as_mut() else {
+            return Action::Idle;
+        };
+        let settle_end = run.settle_end.unwrap_or(now);
+        let close_start = run.closing.as_ref().map(|_| settle_end);
+        let close_end = run.close_end.unwrap_or(now);
         let summary = Summary {
             outcome,
-            trigger: self.trigger,
-            duration_ms: ms(now.saturating_duration_since(self.started)),
-            budget_ms: ms(self.deadline.saturating_duration_since(self.started)),
-            connections_at_start: self.connections_at_start.unwrap_or(0),
-            remaining: self.count.unwrap_or(0),
-            closes_requested: self.closes_requested,
-            sessions_closed: self.sessions_closed,
-            admin_failures: self.admin_failures,
-            settle_ms: ms(settle_end.saturating_duration_since(self.started)),
+            trigger: run.trigger,
+            duration_ms: ms(now.saturating_duration_since(run.started)),
+            budget_ms: ms(run.deadline.saturating_duration_since(run.started)),
+            connections_at_start: run.connections_at_start.unwrap_or(0),
+            remaining,
+            closes_requested: run.closes_requested,
+            sessions_closed: run.sessions_closed,
+            admin_failures: run.close_failures,
+            settle_ms: ms(settle_end.saturating_duration_since(run.started)),
             close_ms: close_start
                 .map(|s| ms(close_end.saturating_duration_since(s)))
                 .unwrap_or(0),
         };
-        self.summary = Some(summary.clone());
+        run.summary = Some(summary.clone());
         Action::Finished(summary)
     }
 
     pub fn status(&self, now: Instant) -> Status {
+        let run = self.run.as_ref();
         Status {
             state: self.phase,
-            trigger: self.trigger,
+            trigger: run.map(|r| r.trigger),
             connections: self.count,
-            connections_at_start: self.connections_at_start,
-            sessions: self
-                .closing
-                .as_ref()
+            connections_at_start: run.and_then(|r| r.connections_at_start),
+            sessions: run
+                .and_then(|r| r.closing.as_ref())
                 .filter(|c| c.batches > 0 && !c.in_flight)
                 .map(|c| c.estimate),
-            elapsed_ms: ms(now.saturating_duration_since(self.started)),
-            deadline_in_ms: ms(self.deadline.saturating_duration_since(now)),
-            closes_requested: self.closes_requested,
-            sessions_closed: self.sessions_closed,
-            admin_failures: self.admin_failures,
-            settle_ms: self
-                .settle_end
-                .map(|e| ms(e.saturating_duration_since(self.started))),
+            elapsed_ms: run.map_or(0, |r| ms(now.saturating_duration_since(r.started))),
+            deadline_in_ms: run.map(|r| ms(r.deadline.saturating_duration_since(now))),
+            deadline_source: run.map(|r| r.deadline_source),
+            closes_requested: run.map_or(0, |r| r.closes_requested),
+            sessions_closed: run.map_or(0, |r| r.sessions_closed),
+            admin_failures: run.map_or(0, |r| r.close_failures),
+            settle_ms: run.and_then(|r| {
+                r.settle_end
+                    .map(|e| ms(e.saturating_duration_since(r.started)))
+            }),
+            close_rate: self.close_rate,
+            close_rate_yielded: run.is_some_and(|r| r.rate_yielded),
         }
     }
 }

@@ -1,26 +1,45 @@
 //! The drain timeline driven by a fake clock and a simulated pod: no sockets, no sleeps.
+//! Every deadline source (the timeout, the pod's deletion time before or during a drain)
+//! and the fleet close rate are events fed with the fake clock.
 
 use std::time::{Duration, Instant};
 
-use super::machine::{Action, Drain, Phase, Timings};
+use super::machine::{Action, DeadlineSource, Phase, Timeline};
 use super::report::{Outcome, Summary, Trigger};
-use crate::admin::DrainReply;
-use crate::config::DurationRange;
+use super::seams::CloseReply;
+use super::settings::{DelayRange, Settings};
 
-fn timings(has_admin: bool) -> Timings {
-    Timings {
+/// (settings, can_close)
+type Timings = (Settings, bool);
+
+fn timings(can_close: bool) -> Timings {
+    (settings(), can_close)
+}
+
+fn settings() -> Settings {
+    Settings {
+        drain_timeout: Duration::from_secs(25),
+        app_reserve: Duration::from_secs(5),
         settle_min: Duration::from_secs(2),
         settle_quiet: Duration::from_secs(1),
         settle_max: Duration::from_secs(15),
         close_tick: Duration::from_millis(100),
         close_window: Duration::from_secs(10),
         poll: Duration::from_millis(100),
-        reconnect_after: DurationRange {
+        reconnect_after: DelayRange {
             min: Duration::ZERO,
             max: Duration::from_secs(2),
         },
-        has_admin,
     }
+}
+
+/// A timeline with this drain timeout, triggered at `now`.
+fn started(t: Timings, budget: Duration, now: Instant) -> Timeline {
+    let (mut s, can_close) = t;
+    s.drain_timeout = budget;
+    let mut d = Timeline::new(s, can_close);
+    assert!(d.trigger(now, Trigger::Prestop));
+    d
 }
 
 fn secs(s: f64) -> Duration {
@@ -96,7 +115,7 @@ impl Pod {
         }
     }
 
-    fn close(&mut self, max: u64) -> Option<DrainReply> {
+    fn close(&mut self, max: u64) -> Option<CloseReply> {
         match self.app {
             App::Failing => None,
             App::FailsFirst(n) if n > 0 => {
@@ -109,7 +128,7 @@ impl Pod {
                 if self.app != App::ClientsIgnoreClose {
                     self.sockets.drain(..n as usize);
                 }
-                Some(DrainReply {
+                Some(CloseReply {
                     closed: n,
                     remaining: self.sessions,
                 })
@@ -118,25 +137,31 @@ impl Pod {
     }
 
     /// Runs a drain with `budget` to its end; returns the summary and the drain.
-    fn run(&mut self, t: Timings, budget: Duration) -> (Summary, Drain) {
-        let mut d = Drain::start(t, Trigger::Prestop, self.now, self.now + budget);
+    fn run(&mut self, t: Timings, budget: Duration) -> (Summary, Timeline) {
+        let d = started(t, budget, self.now);
         assert_eq!(d.phase(), Phase::Settling, "unready at once");
+        self.run_timeline(d)
+    }
+
+    /// Runs a triggered timeline to its end.
+    fn run_timeline(&mut self, mut d: Timeline) -> (Summary, Timeline) {
         for _ in 0..100_000 {
+            let deadline = d.deadline().expect("a running drain has a deadline");
             d.observe(self.now, &self.sockets);
             let action = d.next(self.now);
             self.phases.push((self.at(), d.phase()));
             match action {
                 Action::Sleep { until } => {
                     assert!(
-                        until > self.now || until == d.deadline(),
+                        until > self.now || until == deadline,
                         "busy loop at {:?}",
                         self.at()
                     );
-                    assert!(until <= d.deadline(), "sleeps past the deadline");
+                    assert!(until <= deadline, "sleeps past the deadline");
                     self.advance_to(
                         until
                             .max(self.now + Duration::from_millis(1))
-                            .min(d.deadline().max(self.now)),
+                            .min(deadline.max(self.now)),
                     );
                 }
                 Action::Close { max, after_ms } => {
@@ -146,6 +171,7 @@ impl Pod {
                     d.close_answered(self.now, reply);
                 }
                 Action::Finished(s) => return (s, d),
+                Action::Idle => panic!("a triggered timeline is never idle"),
             }
         }
         panic!("drain never finished");
@@ -305,38 +331,163 @@ fn zero_count_releases_within_one_poll() {
 }
 
 #[test]
-fn shorter_real_deadline_applies() {
-    let pod = Pod::new(5, App::ClientsIgnoreClose);
-    let mut d = Drain::start(
-        timings(true),
-        Trigger::Prestop,
-        pod.now,
-        pod.now + secs(25.0),
+fn serving_until_the_first_trigger_then_one_drain() {
+    let now = Instant::now();
+    let mut d = Timeline::new(settings(), true);
+    assert_eq!(d.phase(), Phase::Serving);
+    assert_eq!(d.next(now), Action::Idle);
+    d.observe(now, &[1, 2, 3]);
+    let st = d.status(now);
+    assert_eq!(
+        (st.state, st.connections, st.trigger),
+        (Phase::Serving, Some(3), None)
     );
-    d.shorten_deadline(pod.now + secs(5.0));
-    assert_eq!(d.deadline(), pod.now + secs(5.0));
-    d.shorten_deadline(pod.now + secs(9.0));
-    assert_eq!(d.deadline(), pod.now + secs(5.0), "never moved later");
+    assert_eq!(st.deadline_in_ms, None);
+    assert!(d.trigger(now, Trigger::Api));
+    assert!(!d.trigger(now, Trigger::Prestop), "a later trigger joins");
+    let st = d.status(now);
+    assert_eq!(st.trigger, Some(Trigger::Api));
+    assert_eq!(
+        st.connections, None,
+        "the serving count is not the baseline"
+    );
+    assert_eq!(st.deadline_source, Some(DeadlineSource::Timeout));
+    assert_eq!(st.deadline_in_ms, Some(25_000));
+}
+
+/// Event: the pod's deletion time arrives during a drain (the watch, or the probe at
+/// drain start). The deadline moves earlier, never later.
+#[test]
+fn pod_deletion_during_a_drain_shortens_it() {
+    let pod = Pod::new(5, App::ClientsIgnoreClose);
+    let mut d = started(timings(true), secs(25.0), pod.now);
+    // SIGKILL at +10 s, 5 s app reserve: the drain must end at +5 s.
+    assert!(!d.pod_deleting(pod.now + secs(1.0), pod.now + secs(10.0)));
+    assert_eq!(d.deadline(), Some(pod.now + secs(5.0)));
+    assert_eq!(
+        d.status(pod.now).deadline_source,
+        Some(DeadlineSource::PodDeletion)
+    );
+    d.pod_deleting(pod.now + secs(2.0), pod.now + secs(60.0));
+    assert_eq!(d.deadline(), Some(pod.now + secs(5.0)), "never moved later");
     assert_eq!(d.next(pod.now + secs(5.0)), d.next(pod.now + secs(5.0)));
     assert!(
         matches!(d.next(pod.now + secs(5.0)), Action::Finished(s) if s.outcome == Outcome::DeadlineExceeded)
     );
 }
 
+/// Event: the deletion is the first thing the agent hears of (the watch, no hook): it
+/// starts the drain with the deletion's deadline.
+#[test]
+fn pod_deletion_while_serving_starts_the_drain() {
+    let now = Instant::now();
+    let mut d = Timeline::new(settings(), true);
+    // kubectl delete --grace-period=12: SIGKILL at +12 s, drain until +7 s.
+    assert!(d.pod_deleting(now, now + secs(12.0)));
+    assert_eq!(d.phase(), Phase::Settling);
+    let st = d.status(now);
+    assert_eq!(st.trigger, Some(Trigger::PodDeletion));
+    assert_eq!(st.deadline_in_ms, Some(7_000));
+    assert_eq!(st.deadline_source, Some(DeadlineSource::PodDeletion));
+    // A later hook joins the same drain and its deadline.
+    assert!(!d.trigger(now + secs(1.0), Trigger::Prestop));
+    assert_eq!(d.deadline(), Some(now + secs(7.0)));
+}
+
+/// Event: a deletion whose SIGKILL is already within the app reserve ends the drain at
+/// once, so the app keeps its reserve; a far one leaves the timeout in force.
+#[test]
+fn pod_deletion_past_or_far() {
+    let now = Instant::now();
+    let mut d = Timeline::new(settings(), true);
+    d.trigger(now, Trigger::Prestop);
+    d.pod_deleting(now, now + secs(3.0));
+    assert_eq!(d.deadline(), Some(now), "within the reserve: now");
+    assert!(matches!(d.next(now), Action::Finished(s) if s.budget_ms == 0));
+
+    let mut far = Timeline::new(settings(), true);
+    far.trigger(now, Trigger::Prestop);
+    far.pod_deleting(now, now + secs(300.0));
+    assert_eq!(far.deadline(), Some(now + secs(25.0)));
+    assert_eq!(
+        far.status(now).deadline_source,
+        Some(DeadlineSource::Timeout)
+    );
+}
+
+/// A deletion seen while the drain settles cuts the close window to the new deadline:
+/// every session still gets its close before the deadline.
+#[test]
+fn a_shorter_deadline_replans_the_close_window() {
+    let mut pod = Pod::new(300, App::Cooperative);
+    let mut d = started(timings(true), secs(25.0), pod.now);
+    d.observe(pod.now, &pod.sockets);
+    // At 2 s settling ends and closing starts over 10 s; at 3 s the deadline becomes 6 s.
+    let at2 = pod.now + secs(2.0);
+    pod.advance_to(at2);
+    d.observe(at2, &pod.sockets);
+    assert!(matches!(d.next(at2), Action::Close { .. }));
+    d.close_answered(at2, pod.close(30));
+    pod.advance_to(pod.t0 + secs(3.0));
+    d.pod_deleting(pod.now, pod.t0 + secs(11.0));
+    assert_eq!(d.deadline(), Some(pod.t0 + secs(6.0)));
+    let (s, _) = pod.run_timeline(d);
+    assert_eq!(s.outcome, Outcome::Drained);
+    assert!(pod.at() <= secs(6.0), "{:?}", pod.at());
+}
+
+/// Event: a fleet close rate. 600 sessions at 50/s take 12 s instead of the 10 s window.
+#[test]
+fn a_close_rate_paces_below_the_budget() {
+    let mut pod = Pod::new(600, App::Cooperative);
+    let mut d = started(timings(true), secs(25.0), pod.now);
+    d.set_close_rate(pod.now, Some(50.0));
+    let (s, d) = pod.run_timeline(d);
+    assert_eq!(s.outcome, Outcome::Drained);
+    assert!(!d.status(pod.now).close_rate_yielded);
+    // No one-second window holds more than 50 closes (+ one batch of rounding).
+    let worst = (0..250)
+        .map(|k| {
+            let from = secs(k as f64 * 0.1);
+            pod.closes
+                .iter()
+                .filter(|c| c.0 >= from && c.0 < from + secs(1.0))
+                .map(|c| c.1)
+                .sum::<u64>()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(worst <= 55, "worst second closed {worst}");
+    let last = pod.closes.last().map(|c| c.0).unwrap_or_default();
+    assert!(
+        last >= secs(13.0),
+        "stretched past the 10 s window: {last:?}"
+    );
+}
+
+/// When the budget cannot finish before the deadline, the deadline wins, and the
+/// status says the budget yielded.
+#[test]
+fn the_deadline_wins_over_the_close_rate() {
+    let mut pod = Pod::new(2000, App::Cooperative);
+    let mut d = started(timings(true), secs(12.0), pod.now);
+    d.set_close_rate(pod.now, Some(50.0));
+    let (s, d) = pod.run_timeline(d);
+    assert_eq!(s.outcome, Outcome::Drained);
+    assert_eq!(s.sessions_closed, 2000);
+    assert!(pod.at() <= secs(12.0));
+    assert!(d.status(pod.now).close_rate_yielded);
+}
+
 #[test]
 fn status_reports_progress() {
     let pod = Pod::new(40, App::Cooperative);
-    let mut d = Drain::start(
-        timings(true),
-        Trigger::Prestop,
-        pod.now,
-        pod.now + secs(25.0),
-    );
+    let mut d = started(timings(true), secs(25.0), pod.now);
     d.observe(pod.now, &pod.sockets);
     let st = d.status(pod.now + secs(1.0));
     assert_eq!(st.state, Phase::Settling);
     assert_eq!(st.connections, Some(40));
-    assert_eq!(st.deadline_in_ms, 24_000);
+    assert_eq!(st.deadline_in_ms, Some(24_000));
     let later = pod.now + secs(2.0);
     d.observe(later, &pod.sockets);
     match d.next(later) {
@@ -344,7 +495,7 @@ fn status_reports_progress() {
             assert_eq!(max, 1);
             d.close_answered(
                 later,
-                Some(DrainReply {
+                Some(CloseReply {
                     closed: 1,
                     remaining: 39,
                 }),

@@ -2,7 +2,29 @@
 
 use std::time::Duration;
 
-use crate::config::DurationRange;
+use super::settings::DelayRange;
+
+/// The close window from `now`: at least what is left of the configured window
+/// (`nominal_left`), stretched so that `open` sessions go out no faster than `rate` per
+/// second, but never past `room` (the deadline minus the tail): when the budget cannot
+/// finish in time the deadline wins. Returns the window and whether the budget yielded.
+pub fn close_window(
+    open: u64,
+    nominal_left: Duration,
+    rate: Option<f64>,
+    room: Duration,
+    tick: Duration,
+) -> (Duration, bool) {
+    let needed = match rate {
+        Some(r) if r > 0.0 && r.is_finite() => {
+            Duration::try_from_secs_f64(open as f64 / r).unwrap_or(Duration::MAX)
+        }
+        _ => Duration::ZERO,
+    };
+    let want = nominal_left.max(needed);
+    let window = want.min(room).max(tick);
+    (window, needed > room)
+}
 
 /// Sessions to close now so that `open` sessions are all closed by the end of the
 /// window, one batch per `tick`. At least 1; everything left once the window is over.
@@ -21,7 +43,7 @@ pub fn batch_size(open: u64, window_left: Duration, tick: Duration) -> u64 {
 /// reconnects over window + (max − min), so the survivors see a *lower* rate than the
 /// close rate. (A varying but unordered delay — random or a low-discrepancy sequence —
 /// bunches some reconnects: 1.4× the close rate in the worst second for 2 s of spread.)
-pub fn hint_delay(range: DurationRange, elapsed: Duration, window: Duration) -> Duration {
+pub fn hint_delay(range: DelayRange, elapsed: Duration, window: Duration) -> Duration {
     let frac = if window.is_zero() {
         1.0
     } else {
@@ -50,6 +72,44 @@ mod tests {
             assert!(batches.len() <= 1000, "plan does not converge");
         }
         batches
+    }
+
+    #[test]
+    fn a_close_rate_stretches_the_window_until_the_deadline() {
+        let room = Duration::from_secs(20);
+        // 600 sessions at 50/s need 12 s: longer than the 10 s window, inside the room.
+        assert_eq!(
+            close_window(600, WINDOW, Some(50.0), room, TICK),
+            (Duration::from_secs(12), false)
+        );
+        // A generous budget keeps the configured window.
+        assert_eq!(
+            close_window(100, WINDOW, Some(1000.0), room, TICK),
+            (WINDOW, false)
+        );
+        // 2000 at 50/s need 40 s: the deadline wins, and says so.
+        assert_eq!(
+            close_window(2000, WINDOW, Some(50.0), room, TICK),
+            (room, true)
+        );
+        // No budget, or a nonsense one: the configured window, cut to the room.
+        assert_eq!(
+            close_window(10, WINDOW, None, TICK * 5, TICK),
+            (TICK * 5, false)
+        );
+        assert_eq!(
+            close_window(10, WINDOW, Some(f64::NAN), room, TICK),
+            (WINDOW, false)
+        );
+        assert_eq!(
+            close_window(10, WINDOW, Some(0.0), room, TICK),
+            (WINDOW, false)
+        );
+        // Never shorter than one tick.
+        assert_eq!(
+            close_window(10, Duration::ZERO, None, Duration::ZERO, TICK).0,
+            TICK
+        );
     }
 
     #[test]
@@ -86,8 +146,8 @@ mod tests {
         assert_eq!(batch_size(0, WINDOW, TICK), 1);
     }
 
-    fn range() -> DurationRange {
-        DurationRange {
+    fn range() -> DelayRange {
+        DelayRange {
             min: Duration::from_millis(200),
             max: Duration::from_millis(2200),
         }
@@ -104,7 +164,7 @@ mod tests {
             hint_delay(range(), Duration::ZERO, Duration::ZERO).as_millis(),
             2200
         );
-        let fixed = DurationRange {
+        let fixed = DelayRange {
             min: Duration::from_millis(700),
             max: Duration::from_millis(700),
         };

@@ -1,83 +1,99 @@
-//! The async side of the drain: counts sockets, calls the admin API, sleeps, and feeds the
-//! pure `Drain` machine. One drain per agent; every trigger after the first joins it.
+//! The async side of the drain: a thin loop over the `Timeline` machine, a session
+//! counter, an optional session closer and tokio's clock. One timeline per agent; every
+//! trigger after the first joins the drain it started.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, watch};
 
 use super::hint::HintTemplate;
-use super::machine::{Action, Drain, Phase, Status, Timings};
+use super::machine::{Action, Phase, Status, Timeline, ms};
 use super::report::{Notice, Outcome, Summary, Trigger};
-use crate::admin::{AdminClient, DrainRequest};
-use crate::conn::{ConnError, CountSockets, Snapshot};
-use crate::metrics::Metrics;
-
-/// Looks up a shorter deadline when a drain starts (the pod's deletion deadline).
-pub type DeadlineProbe =
-    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Option<Instant>> + Send>> + Send + Sync>;
-
-/// How far past the deadline a waiting hook tolerates a late runner before answering.
-const FORCE_SLACK: Duration = Duration::from_millis(50);
-
-/// Longest wait for the deadline probe; the drain runs meanwhile.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+use super::seams::{CloseReply, CloseRequest, Observer, SessionCloser, SessionCounter};
+use super::settings::Settings;
 
 /// Everything the drain talks to.
-pub struct Io {
-    pub counter: Arc<Mutex<dyn CountSockets>>,
-    pub admin: Option<AdminClient>,
+pub struct Parts {
+    pub counter: Arc<dyn SessionCounter>,
+    /// Without a closer the drain only waits for connections to leave.
+    pub closer: Option<Arc<dyn SessionCloser>>,
     pub close_code: u16,
     pub hint: HintTemplate,
-    pub metrics: Arc<Metrics>,
-    pub deadline_probe: Option<DeadlineProbe>,
+    pub observer: Arc<dyn Observer>,
 }
 
 struct Shared {
-    timings: Timings,
-    drain_timeout: Duration,
-    io: Io,
-    drain: Mutex<Option<Drain>>,
+    parts: Parts,
+    timeline: Mutex<Timeline>,
     done: watch::Sender<Option<Summary>>,
     notices: broadcast::Sender<Notice>,
 }
 
-/// Handle to the agent's one drain. Cheap to clone.
+/// Handle to the agent's one timeline. Cheap to clone.
 #[derive(Clone)]
 pub struct Drainer {
     shared: Arc<Shared>,
 }
 
+/// The clock: tokio's, so tests can pause it.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 impl Drainer {
-    pub fn new(timings: Timings, drain_timeout: Duration, io: Io) -> Self {
+    pub fn new(settings: Settings, parts: Parts) -> Self {
         let (done, _) = watch::channel(None);
         let (notices, _) = broadcast::channel(64);
+        let timeline = Timeline::new(settings, parts.closer.is_some());
         Self {
             shared: Arc::new(Shared {
-                timings,
-                drain_timeout,
-                io,
-                drain: Mutex::new(None),
+                parts,
+                timeline: Mutex::new(timeline),
                 done,
                 notices,
             }),
         }
     }
 
-    /// Notices (started, admin failing, finished) for logs, Events, the termination message.
+    fn timeline(&self) -> MutexGuard<'_, Timeline> {
+        lock(&self.shared.timeline)
+    }
+
+    /// Notices (started, closer failing, finished) for logs, Events, the termination message.
     pub fn notices(&self) -> broadcast::Receiver<Notice> {
         self.shared.notices.subscribe()
     }
 
-    /// True from the first trigger on (the drain exists from then on).
+    /// True from the first trigger on.
     pub fn is_draining(&self) -> bool {
-        lock(&self.shared.drain).is_some()
+        self.timeline().is_draining()
     }
 
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.shared.io.metrics
+    pub fn phase(&self) -> Phase {
+        self.timeline().phase()
+    }
+
+    /// The closer the drain uses, for other users of the same seam (the rebalancer).
+    pub fn closer(&self) -> Option<Arc<dyn SessionCloser>> {
+        self.shared.parts.closer.clone()
+    }
+
+    /// The close reason for a reconnect delay of `after_ms`, and the close code.
+    pub fn close_request(&self, max: u64, after_ms: u64) -> CloseRequest {
+        let reason = match self.shared.parts.hint.render(after_ms) {
+            Ok(r) => r,
+            Err(e) => {
+                // Validated at start for the largest value; close without a reason.
+                tracing::error!(error = %e, "hint does not fit; closing without a reason");
+                String::new()
+            }
+        };
+        CloseRequest {
+            max,
+            code: self.shared.parts.close_code,
+            reason,
+        }
     }
 
     /// The finished drain's summary, if one ended.
@@ -85,43 +101,62 @@ impl Drainer {
         self.shared.done.borrow().clone()
     }
 
-    /// The running (or finished) drain's status, `None` while serving.
-    pub fn status(&self) -> Option<Status> {
-        lock(&self.shared.drain)
-            .as_ref()
-            .map(|d| d.status(Instant::now()))
+    pub fn status(&self) -> Status {
+        self.timeline().status(now())
     }
 
-    /// Counts connections now (for /status and /metrics while serving).
+    /// Counts now while serving (for /status and /metrics); while draining the runner
+    /// counts and this returns its last count.
     pub async fn count(&self) -> Option<u64> {
-        let n = count(&self.shared.io).await.ok()?.ids.len() as u64;
-        self.shared.io.metrics.connections.set(n as i64);
-        Some(n)
+        if self.is_draining() {
+            return self.timeline().status(now()).connections;
+        }
+        self.observe().await
+    }
+
+    /// Event: the fleet close budget for this pod (sessions per second; `None` = none).
+    pub fn set_close_rate(&self, rate: Option<f64>) {
+        self.timeline().set_close_rate(now(), rate);
+    }
+
+    /// Event: the pod is being deleted; the kubelet sends SIGKILL at `kill_at`. Starts
+    /// the drain if none runs, and moves the deadline earlier when it must.
+    pub fn pod_deleting(&self, kill_at: Instant) {
+        let started = self.timeline().pod_deleting(now(), kill_at);
+        if started {
+            self.spawn_run();
+        }
     }
 
     /// Starts the drain, or joins the running one; returns once it has ended, and never
-    /// later than its deadline (plus `FORCE_SLACK`), even if a count or call hangs.
+    /// later than its deadline, even if a count or a close call hangs.
     pub async fn drain(&self, trigger: Trigger) -> Summary {
         let mut done = self.shared.done.subscribe();
         self.start(trigger);
+        let poll = self.timeline().settings().poll;
         loop {
             if let Some(s) = done.borrow_and_update().clone() {
                 return s;
             }
-            let deadline = lock(&self.shared.drain)
-                .as_ref()
-                .map(|d| d.deadline())
-                .unwrap_or_else(Instant::now);
-            let force_at = deadline + FORCE_SLACK;
-            if Instant::now() >= force_at {
-                return self.force_finish();
+            let t = now();
+            let deadline = self.timeline().deadline().unwrap_or(t);
+            if t >= deadline {
+                // The runner is late (stuck in I/O): the machine ends the drain from here.
+                let action = self.timeline().next(t);
+                if let Action::Finished(summary) = action {
+                    tracing::warn!("drain runner is late; answering at the deadline");
+                    self.finish(summary);
+                }
+                if let Some(s) = self.summary() {
+                    return s;
+                }
             }
             // Re-check at least every poll: the deadline may move earlier meanwhile.
-            let wake = force_at.min(Instant::now() + self.shared.timings.poll);
+            let wake = deadline.min(t + poll).max(t + Duration::from_millis(1));
             tokio::select! {
                 changed = done.changed() => {
                     if changed.is_err() {
-                        return self.force_finish();
+                        return self.summary().unwrap_or_else(|| unreachable_summary(trigger));
                     }
                 }
                 _ = tokio::time::sleep_until(wake.into()) => {}
@@ -129,185 +164,121 @@ impl Drainer {
         }
     }
 
-    /// Ends the drain from the waiting side when the runner is late (stuck in I/O).
-    fn force_finish(&self) -> Summary {
-        if let Some(s) = self.summary() {
-            return s;
-        }
-        let action = lock(&self.shared.drain)
-            .as_mut()
-            .map(|d| d.next(Instant::now()));
-        match action {
-            Some(Action::Finished(summary)) => {
-                tracing::warn!("drain runner is late; answering at the deadline");
-                self.finish(summary.clone());
-                summary
-            }
-            _ => self.summary().unwrap_or_else(fallback_summary),
-        }
-    }
-
     /// Starts the drain in the background unless one is running. Returns at once and
     /// does no I/O, so a caller that goes away (an HTTP client hanging up) cannot leave
     /// the pod unready with no drain behind it.
     pub fn start(&self, trigger: Trigger) {
-        {
-            // The lock makes "first trigger" exact; /readyz and /status both read this.
-            let mut drain = lock(&self.shared.drain);
-            if drain.is_some() {
-                return;
-            }
-            let started = Instant::now();
-            let deadline = started + self.shared.drain_timeout;
-            *drain = Some(Drain::start(
-                self.shared.timings.clone(),
-                trigger,
-                started,
-                deadline,
-            ));
-        }
-        self.shared
-            .io
-            .metrics
-            .drain_state
-            .set(Phase::Settling.gauge());
-        let me = self.clone();
-        tokio::spawn(async move { me.run(trigger).await });
-    }
-
-    /// Moves the running drain's deadline earlier (e.g. the pod deletion became known
-    /// after a maintenance drain had started).
-    pub fn shorten_deadline(&self, deadline: Instant) {
-        if let Some(d) = lock(&self.shared.drain).as_mut() {
-            d.shorten_deadline(deadline);
+        let started = self.timeline().trigger(now(), trigger);
+        if started {
+            self.spawn_run();
         }
     }
 
-    /// Applies the deadline probe's answer, if any, without holding up the drain.
-    fn spawn_deadline_probe(&self) {
-        let Some(probe) = self.shared.io.deadline_probe.clone() else {
-            return;
-        };
+    fn spawn_run(&self) {
+        self.shared.parts.observer.phase(Phase::Settling);
         let me = self.clone();
-        tokio::spawn(async move {
-            if let Ok(Some(deadline)) = tokio::time::timeout(PROBE_TIMEOUT, probe()).await {
-                me.shorten_deadline(deadline);
-                let left = deadline.saturating_duration_since(Instant::now());
-                tracing::info!(
-                    deadline_in_ms = left.as_millis() as u64,
-                    "pod deletion deadline applies"
-                );
-            }
-        });
+        tokio::spawn(async move { me.run().await });
     }
 
     /// Takes a count and feeds it to the machine; a failed count keeps the last one.
-    async fn observe(&self, count_failing: &mut bool) -> Option<u64> {
-        let io = &self.shared.io;
-        match count(io).await {
+    async fn observe(&self) -> Option<u64> {
+        let parts = &self.shared.parts;
+        match parts.counter.snapshot().await {
             Ok(snap) => {
-                *count_failing = false;
                 let n = snap.ids.len() as u64;
-                io.metrics.connections.set(n as i64);
-                if let Some(d) = lock(&self.shared.drain).as_mut() {
-                    d.observe(Instant::now(), &snap.ids);
-                }
+                parts.observer.counted(n);
+                self.timeline().observe(now(), &snap.ids);
                 Some(n)
             }
             Err(e) => {
-                io.metrics.count_errors.inc();
-                if !*count_failing {
-                    tracing::warn!(error = %e, "counting connections failed; keeping the last count");
-                }
-                *count_failing = true;
+                parts.observer.count_failed();
+                tracing::debug!(error = %e, "counting connections failed; keeping the last count");
                 None
             }
         }
     }
 
-    async fn run(self, trigger: Trigger) {
-        let io = &self.shared.io;
-        let mut admin_failing = false;
+    async fn run(self) {
+        let parts = &self.shared.parts;
+        let mut close_failing = false;
         let mut count_failing = false;
-        self.spawn_deadline_probe();
-        let connections = self.observe(&mut count_failing).await;
-        let budget_ms = self.shared.drain_timeout.as_millis() as u64;
+        let connections = self.observe().await;
+        let (trigger, budget_ms) = {
+            let st = self.status();
+            (st.trigger, st.deadline_in_ms.unwrap_or(0))
+        };
+        let Some(trigger) = trigger else {
+            return;
+        };
         tracing::info!(?trigger, connections, budget_ms, "drain started: unready");
         let _ = self.shared.notices.send(Notice::Started {
             trigger,
             connections: connections.unwrap_or(0),
             budget_ms,
         });
+        let mut rate_yielded = false;
         loop {
-            let action = match lock(&self.shared.drain).as_mut() {
-                Some(d) => {
-                    let a = d.next(Instant::now());
-                    io.metrics.drain_state.set(d.phase().gauge());
-                    a
-                }
-                None => return,
+            let (action, phase, yielded) = {
+                let mut t = self.timeline();
+                let a = t.next(now());
+                (a, t.phase(), t.status(now()).close_rate_yielded)
             };
+            parts.observer.phase(phase);
+            if yielded && !rate_yielded {
+                rate_yielded = true;
+                tracing::warn!(
+                    "fleet close budget cannot close every session before the deadline; closing faster so the deadline holds"
+                );
+            }
             match action {
                 Action::Sleep { until } => {
-                    tokio::time::sleep_until(until.into()).await;
-                    self.observe(&mut count_failing).await;
+                    // Register for changes before the sleep, so none is missed.
+                    let changed = parts.counter.changed();
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until.into()) => {}
+                        _ = changed => {}
+                    }
+                    let counted = self.observe().await.is_some();
+                    if !counted && !count_failing {
+                        tracing::warn!("counting connections failed; keeping the last count");
+                    }
+                    count_failing = !counted;
                 }
                 Action::Close { max, after_ms } => {
-                    let reply = self.close(max, after_ms, &mut admin_failing).await;
-                    if let Some(d) = lock(&self.shared.drain).as_mut() {
-                        d.close_answered(Instant::now(), reply);
-                    }
+                    let reply = self.close(max, after_ms, &mut close_failing).await;
+                    self.timeline().close_answered(now(), reply);
                 }
                 Action::Finished(summary) => {
                     self.finish(summary);
                     return;
                 }
+                Action::Idle => return,
             }
         }
     }
 
-    /// One close request to the app, bounded by the admin timeout and the deadline.
-    async fn close(
-        &self,
-        max: u64,
-        after_ms: u64,
-        admin_failing: &mut bool,
-    ) -> Option<crate::admin::DrainReply> {
-        let io = &self.shared.io;
-        let admin = io.admin.as_ref()?;
-        let reason = match io.hint.render(after_ms) {
-            Ok(r) => r,
-            Err(e) => {
-                // Validated at start for the largest value; keep draining without a reason.
-                tracing::error!(error = %e, "hint does not fit; closing without a reason");
-                String::new()
-            }
-        };
-        let req = DrainRequest {
-            max,
-            code: io.close_code,
-            reason,
-        };
-        io.metrics.closes_requested.inc_by(max);
-        let deadline = lock(&self.shared.drain)
-            .as_ref()
-            .map(|d| d.deadline())
-            .unwrap_or_else(Instant::now);
-        // The client bounds each call by its own timeout; here also by the deadline.
-        let limit = admin
+    /// One close request, bounded by the closer's timeout and the deadline.
+    async fn close(&self, max: u64, after_ms: u64, failing: &mut bool) -> Option<CloseReply> {
+        let parts = &self.shared.parts;
+        let closer = parts.closer.as_ref()?;
+        let req = self.close_request(max, after_ms);
+        parts.observer.close_requested(max);
+        let t = now();
+        let deadline = self.timeline().deadline().unwrap_or(t);
+        let limit = closer
             .timeout()
-            .min(deadline.saturating_duration_since(Instant::now()))
+            .min(deadline.saturating_duration_since(t))
             .max(Duration::from_millis(1));
-        let result = match tokio::time::timeout(limit, admin.drain(&req)).await {
-            Ok(r) => r.map_err(|e| (e.result_label(), e.to_string())),
+        let result = match tokio::time::timeout(limit, closer.close(req)).await {
+            Ok(r) => r.map_err(|e| (e.label, e.message)),
             Err(_) => Err((
                 "timeout",
-                format!("admin API did not answer within {limit:?}"),
+                format!("close call did not answer within {}ms", ms(limit)),
             )),
         };
         match result {
             Ok(reply) => {
-                io.metrics.admin_result("ok");
+                parts.observer.close_result("ok");
                 tracing::debug!(
                     max,
                     after_ms,
@@ -315,19 +286,19 @@ impl Drainer {
                     remaining = reply.remaining,
                     "close batch"
                 );
-                if *admin_failing {
-                    tracing::info!("admin API answers again");
+                if *failing {
+                    tracing::info!("close calls answer again");
                 }
-                *admin_failing = false;
+                *failing = false;
                 Some(reply)
             }
             Err((label, error)) => {
-                io.metrics.admin_result(label);
-                if !*admin_failing {
-                    tracing::warn!(%error, "admin API failed; will retry and keep waiting for connections to leave");
+                parts.observer.close_result(label);
+                if !*failing {
+                    tracing::warn!(%error, "close call failed; will retry and keep waiting for connections to leave");
                     let _ = self.shared.notices.send(Notice::AdminFailing { error });
                 }
-                *admin_failing = true;
+                *failing = true;
                 None
             }
         }
@@ -345,10 +316,9 @@ impl Drainer {
         if !first {
             return;
         }
-        let m = &self.shared.io.metrics;
-        m.drain_duration_seconds
-            .set(summary.duration_ms as f64 / 1000.0);
-        m.forced_remaining.set(summary.remaining as i64);
+        let phase = self.phase();
+        self.shared.parts.observer.phase(phase);
+        self.shared.parts.observer.finished(&summary);
         match summary.outcome {
             Outcome::Drained => tracing::info!(
                 duration_ms = summary.duration_ms,
@@ -371,19 +341,12 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-async fn count(io: &Io) -> Result<Snapshot, ConnError> {
-    let counter = io.counter.clone();
-    match tokio::task::spawn_blocking(move || lock(&counter).snapshot()).await {
-        Ok(r) => r,
-        Err(e) => Err(ConnError::Io(std::io::Error::other(e.to_string()))),
-    }
-}
-
-/// Only if the drain state vanished, which `start` rules out; keeps hooks answered anyway.
-fn fallback_summary() -> Summary {
+/// Only if the summary channel closed, which the `Drainer` it belongs to rules out;
+/// keeps hooks answered anyway.
+fn unreachable_summary(trigger: Trigger) -> Summary {
     Summary {
         outcome: Outcome::DeadlineExceeded,
-        trigger: Trigger::Prestop,
+        trigger,
         duration_ms: 0,
         budget_ms: 0,
         connections_at_start: 0,

@@ -72,3 +72,25 @@ pub trait SessionCounter: Send + Sync {
         Box::pin(std::future::pending())
     }
 }
+
+/// What the drain reports as it goes, for metrics. Every method has a no-op default;
+/// the agent's metrics registry implements it.
+pub trait Observer: Send + Sync {
+    /// A count succeeded.
+    fn counted(&self, _connections: u64) {}
+    /// A count failed (the last good one is kept).
+    fn count_failed(&self) {}
+    /// The timeline is in `phase` now.
+    fn phase(&self, _phase: super::machine::Phase) {}
+    /// A close request for up to `max` sessions went out.
+    fn close_requested(&self, _max: u64) {}
+    /// A close request ended: `ok` or the error's label.
+    fn close_result(&self, _label: &'static str) {}
+    /// The drain ended.
+    fn finished(&self, _summary: &super::report::Summary) {}
+}
+
+/// An observer that ignores everything (tests, tools).
+pub struct NoObserver;
+
+impl Observer for NoObserver {}

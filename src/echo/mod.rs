@@ -30,7 +30,6 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-pub use admin_api::{DrainParams, FieldError, MAX_REASON_BYTES, close_code_allowed, parse_drain};
 use sessions::Sessions;
 
 use crate::net::text;
@@ -45,7 +44,7 @@ pub struct EchoArgs {
     pub admin: SocketAddr,
     /// How long a drained session waits for the client's close frame before the TCP
     /// connection is dropped.
-    #[arg(long, env = "ECHO_CLOSE_TIMEOUT", default_value = "3s", value_parser = crate::config::parse_duration)]
+    #[arg(long, env = "ECHO_CLOSE_TIMEOUT", default_value = "3s", value_parser = crate::units::parse_duration)]
     pub close_timeout: Duration,
     /// Largest WebSocket message accepted, in bytes.
     #[arg(long, env = "ECHO_MAX_MESSAGE", default_value_t = 1 << 20)]

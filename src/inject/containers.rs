@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use super::options::Options;
 use super::{AGENT_NAME, InjectSettings, TOKEN_HEADER};
-use crate::config::format_duration;
+use crate::units::format_duration;
 
 /// Timings and ports resolved for one pod.
 pub struct AgentPlan<'a> {

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use super::InjectError;
-use crate::config::{check_close_code, format_duration, parse_duration, parse_range};
+use crate::units::{check_close_code, format_duration, parse_duration, parse_range};
 
 pub const PREFIX: &str = "wsdrain.io/";
 
@@ -121,7 +121,7 @@ impl Options {
         let admin_url = get("admin-url")?
             .filter(|s| !s.is_empty())
             .map(|raw| {
-                crate::config::parse_admin_url(&raw)
+                crate::units::parse_admin_url(&raw)
                     .map(|_| raw)
                     .map_err(|e| bad(&key("admin-url"), e))
             })

@@ -9,7 +9,7 @@ use super::containers::{self, AgentPlan, COPY_NAME};
 use super::options::{self, Grace, Mode, Options, PortRef, Sidecar};
 use super::patch::Ops;
 use super::{AGENT_NAME, Decision, INJECT_LABEL, InjectError, InjectSettings, STATUS_ANNOTATION};
-use crate::config::format_duration;
+use crate::units::format_duration;
 
 /// The readiness-gate condition the agent patches (one name for both sides).
 pub use crate::kube::SERVING_CONDITION as READINESS_CONDITION;

@@ -5,9 +5,9 @@
 //! kind with the RBAC it needs, and turned into "no information" so that the drain
 //! timeline is the same as with the API off.
 
-mod deadline;
 mod events;
 mod failures;
+mod kill_time;
 mod termination;
 mod wiring;
 
@@ -26,15 +26,21 @@ use kube::api::{Api, Patch, PatchParams, WatchEvent, WatchParams};
 use kube::runtime::events::{Recorder, Reporter};
 use thiserror::Error;
 
-pub use deadline::drain_deadline;
 pub use events::{ACTION, event_for};
 pub use failures::{Call, Kind};
+pub use kill_time::kill_instant;
 pub use termination::{MAX_TERMINATION_MESSAGE, termination_message, write_termination_message};
-pub use wiring::{deadline_probe, deletion_deadline, follow_notices};
+pub use wiring::{feed_deletion_at_start, follow_notices, kill_time};
 
-use crate::config::PodRef;
 use crate::drain::report::Notice;
 use failures::Failures;
+
+/// The agent's own pod (downward API).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRef {
+    pub name: String,
+    pub namespace: String,
+}
 
 /// Bound of one API call (and of client start-up).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);

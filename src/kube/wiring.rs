@@ -1,46 +1,48 @@
-//! Glue between `PodLink` and the drain runner, so the agent only plugs it in.
+//! Glue between `PodLink` and the drain, so the agent only plugs it in.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::broadcast;
 
-use super::{PodLink, drain_deadline};
-use crate::drain::report::Notice;
-use crate::drain::runner::DeadlineProbe;
+use super::{PodLink, kill_instant};
+use crate::drain::{Drainer, Notice};
 
-/// The runner's deadline probe: `deletionTimestamp − app_reserve` as an `Instant`, or
-/// `None` when the pod is not being deleted or the API failed (the configured deadline
-/// stands). The runner keeps the earlier of this and its own deadline.
-pub fn deadline_probe(
-    link: Arc<PodLink>,
-    drain_timeout: Duration,
-    app_reserve: Duration,
-) -> DeadlineProbe {
-    Arc::new(move || {
-        let link = link.clone();
-        Box::pin(async move {
-            let deletion = link.deletion_time().await?;
-            Some(deletion_deadline(deletion, drain_timeout, app_reserve))
-        })
-    })
+/// Longest wait for the pod's deletion time at drain start; the drain runs meanwhile.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The pod's SIGKILL time, or `None` when the pod is not being deleted or the API failed
+/// (then the drain's own timeout stands).
+pub async fn kill_time(link: &PodLink) -> Option<Instant> {
+    let deletion = link.deletion_time().await?;
+    Some(kill_instant(
+        deletion,
+        tokio::time::Instant::now().into_std(),
+        SystemTime::now(),
+    ))
 }
 
-/// `deletion − app_reserve` as an `Instant` from now, never later than a drain starting
-/// now could last (`drain_timeout`): the runner keeps the earlier of this and its own.
-pub fn deletion_deadline(
-    deletion: SystemTime,
-    drain_timeout: Duration,
-    app_reserve: Duration,
-) -> Instant {
-    let now = Instant::now();
-    drain_deadline(
-        now + drain_timeout,
-        now,
-        SystemTime::now(),
-        Some(deletion),
-        app_reserve,
-    )
+/// At every drain start, reads the pod's deletion time once and feeds it to the drain
+/// (a `kubectl delete --grace-period=5` must shorten it). Ends when the drain is gone.
+pub async fn feed_deletion_at_start(link: Arc<PodLink>, drainer: Drainer) {
+    let mut notices = drainer.notices();
+    loop {
+        match notices.recv().await {
+            Ok(Notice::Started { .. }) => {
+                if let Ok(Some(kill_at)) =
+                    tokio::time::timeout(PROBE_TIMEOUT, kill_time(&link)).await
+                {
+                    drainer.pod_deleting(kill_at);
+                    tracing::info!(
+                        deadline_in_ms = drainer.status().deadline_in_ms,
+                        "pod deletion time applies"
+                    );
+                }
+            }
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
 }
 
 /// Follows the drain's notices: the readiness-gate condition goes False at drain start,

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::config::{format_duration, parse_duration};
+use crate::units::{format_duration, parse_duration};
 use ingress::Mode;
 use pod::{PodTemplate, Sidecar};
 use runner::RunConfig;

@@ -79,7 +79,7 @@ pub struct WebhookArgs {
 
     /// How often the certificate files are checked for changes.
     #[arg(long, env = "WSDRAIN_WEBHOOK_CERT_POLL", default_value = "1s",
-          value_parser = crate::config::parse_duration)]
+          value_parser = crate::units::parse_duration)]
     pub cert_poll: Duration,
 
     /// Largest request body accepted (bytes); larger gets 413.

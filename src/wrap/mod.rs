@@ -18,8 +18,9 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinHandle;
 
 use crate::agent::Agent;
-use crate::config::{AgentArgs, AgentConfig, ConfigError, parse_duration};
+use crate::agent::config::{AgentArgs, AgentConfig, ConfigError};
 use crate::drain::report::{Summary, Trigger};
+use crate::units::parse_duration;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct WrapArgs {

@@ -1,8 +1,11 @@
-//! `wsdrain agent`: wires counting, the admin client, the drain runner and the HTTP API.
+//! `wsdrain agent`: wires the edges (socket counting, the admin client, the HTTP API,
+//! Kubernetes, signals) to the drain core.
+
+pub mod config;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -10,14 +13,15 @@ use tokio::net::TcpListener;
 
 use crate::admin::AdminClient;
 use crate::api::{self, Guard};
-use crate::config::{AgentConfig, format_duration};
-use crate::conn::{Counter, Filter};
-use crate::drain::machine::Timings;
+use crate::conn::{Counter, Filter, SocketCounter};
 use crate::drain::report::{Notice, Trigger};
-use crate::drain::runner::{Drainer, Io};
+use crate::drain::runner::{Drainer, Parts};
+use crate::drain::seams::SessionCloser;
 use crate::kube::{self, PodLink};
 use crate::metrics::Metrics;
 use crate::signals;
+use crate::units::format_duration;
+use config::AgentConfig;
 
 /// A running agent: API served, drain ready to start on a trigger. No signal handling of
 /// its own, so `wrap` can embed it.
@@ -50,20 +54,18 @@ impl Agent {
             },
             None => None,
         };
-        let io = Io {
-            counter: Arc::new(Mutex::new(counter)),
-            admin: cfg
-                .admin_url
-                .clone()
-                .map(|url| AdminClient::new(url, cfg.admin_timeout)),
+        let metrics = Arc::new(Metrics::new());
+        let closer = cfg.admin_url.clone().map(|url| {
+            Arc::new(AdminClient::new(url, cfg.admin_timeout)) as Arc<dyn SessionCloser>
+        });
+        let parts = Parts {
+            counter: Arc::new(SocketCounter::new(counter)),
+            closer,
             close_code: cfg.close_code,
             hint: cfg.hint.clone(),
-            metrics: Arc::new(Metrics::new()),
-            deadline_probe: link
-                .clone()
-                .map(|l| kube::deadline_probe(l, cfg.drain_timeout, cfg.app_reserve)),
+            observer: metrics.clone(),
         };
-        let drainer = Drainer::new(Timings::from_config(&cfg), cfg.drain_timeout, io);
+        let drainer = Drainer::new(cfg.drain_settings(), parts);
         spawn_termination_message(&drainer, &cfg);
 
         tracing::info!(
@@ -88,9 +90,14 @@ impl Agent {
             token: cfg.token.clone(),
             trigger_from: cfg.trigger_from.clone(),
         };
-        tokio::spawn(api::serve(listener, drainer.clone(), guard));
+        tokio::spawn(api::serve(
+            listener,
+            drainer.clone(),
+            metrics.clone(),
+            guard,
+        ));
         if let Some(link) = link {
-            spawn_kube(link, &drainer, &cfg);
+            spawn_kube(link, &drainer, &metrics);
         }
         Ok(Agent {
             drainer,
@@ -126,8 +133,9 @@ fn spawn_termination_message(drainer: &Drainer, cfg: &AgentConfig) {
 
 /// The pod's side of the drain: readiness condition, Events, the deletion watch, and the
 /// API failure count for /metrics.
-fn spawn_kube(link: Arc<PodLink>, drainer: &Drainer, cfg: &AgentConfig) {
+fn spawn_kube(link: Arc<PodLink>, drainer: &Drainer, metrics: &Arc<Metrics>) {
     tokio::spawn(kube::follow_notices(link.clone(), drainer.notices()));
+    tokio::spawn(kube::feed_deletion_at_start(link.clone(), drainer.clone()));
     // The gate keeps the pod NotReady until True sticks: retry until it does (or a drain
     // started, which makes it a no-op).
     let serving = link.clone();
@@ -142,14 +150,16 @@ fn spawn_kube(link: Arc<PodLink>, drainer: &Drainer, cfg: &AgentConfig) {
     // (`wrap`, or an app container whose own preStop was kept), and applies the real
     // deadline to a drain that was already running (a maintenance `POST /drain`).
     let (watch, d) = (link.clone(), drainer.clone());
-    let (timeout, reserve) = (cfg.drain_timeout, cfg.app_reserve);
     tokio::spawn(async move {
         let deletion = watch.wait_for_deletion().await;
         tracing::info!("pod deletion seen: draining");
-        d.start(Trigger::PodDeletion);
-        d.shorten_deadline(kube::deletion_deadline(deletion, timeout, reserve));
+        d.pod_deleting(kube::kill_instant(
+            deletion,
+            tokio::time::Instant::now().into_std(),
+            std::time::SystemTime::now(),
+        ));
     });
-    let metrics = drainer.metrics().clone();
+    let metrics = metrics.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {

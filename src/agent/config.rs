@@ -9,6 +9,13 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::drain::hint::{HintError, HintTemplate};
+use crate::drain::settings::{DelayRange, Settings};
+use crate::units::{
+    DurationRange, check_close_code, format_duration, parse_admin_url, parse_duration, parse_port,
+    parse_range,
+};
+
+pub use crate::kube::PodRef;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -25,84 +32,9 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Parses `250ms`, `25s`, `2m`, `1h`, `1.5s` or a bare `0`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if s == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("'{s}' has no unit (use ms, s, m or h, e.g. 250ms or 25s)"))?;
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' does not start with a number"))?;
-    let secs = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => {
-            return Err(format!(
-                "'{s}' has unknown unit '{unit}' (use ms, s, m or h)"
-            ));
-        }
-    };
-    if !secs.is_finite() || !(0.0..=86_400.0).contains(&secs) {
-        return Err(format!("'{s}' is out of range (0 to 24h)"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
-/// Formats a duration the way `parse_duration` reads it back.
-pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms.is_multiple_of(1000) {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
-    }
-}
-
-/// `MIN..MAX` (e.g. `0ms..2s`) or a single duration for a fixed value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DurationRange {
-    pub min: Duration,
-    pub max: Duration,
-}
-
-pub fn parse_range(s: &str) -> Result<DurationRange, String> {
-    let (min, max) = match s.split_once("..") {
-        Some((a, b)) => (parse_duration(a)?, parse_duration(b)?),
-        None => {
-            let d = parse_duration(s)?;
-            (d, d)
-        }
-    };
-    if min > max {
-        return Err(format!("'{s}': the minimum is larger than the maximum"));
-    }
-    Ok(DurationRange { min, max })
-}
-
 /// A path; empty is allowed and means "off".
 fn parse_path(s: &str) -> Result<PathBuf, String> {
     Ok(PathBuf::from(s))
-}
-
-fn parse_ports(s: &str) -> Result<u16, String> {
-    match s.trim().parse::<u16>() {
-        Ok(0) => Err("port 0 is not a port".into()),
-        Ok(p) => Ok(p),
-        Err(_) => Err(format!("'{s}' is not a port number (1-65535)")),
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Json,
-    Text,
 }
 
 /// Options of `wsdrain agent` (and of `wsdrain wrap`, which runs the same agent in-process).
@@ -113,7 +45,7 @@ pub struct AgentArgs {
     pub listen: SocketAddr,
 
     /// The app's ports whose established TCP connections are counted (comma list).
-    #[arg(long, env = "WSDRAIN_PORTS", value_delimiter = ',', value_parser = parse_ports, required = true)]
+    #[arg(long, env = "WSDRAIN_PORTS", value_delimiter = ',', value_parser = parse_port, required = true)]
     pub ports: Vec<u16>,
 
     /// Count only sockets on this local address (labs running several pods on 127.0.0.N).
@@ -242,23 +174,27 @@ pub struct AgentConfig {
     pub termination_log: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodRef {
-    pub name: String,
-    pub namespace: String,
-}
+const MAX_TOKEN_LEN: usize = 256;
 
-/// Close codes a client library will accept from a server for "go away, come back".
-pub fn check_close_code(code: u16) -> Result<(), String> {
-    match code {
-        1001 | 1012 | 4000..=4999 => Ok(()),
-        _ => Err(format!(
-            "{code} is not allowed (use 1012, 1001 or 4000-4999)"
-        )),
+impl AgentConfig {
+    /// The drain core's settings, in its own terms.
+    pub fn drain_settings(&self) -> Settings {
+        Settings {
+            drain_timeout: self.drain_timeout,
+            app_reserve: self.app_reserve,
+            settle_min: self.settle_min,
+            settle_quiet: self.settle_quiet,
+            settle_max: self.settle_max,
+            close_tick: self.close_tick,
+            close_window: self.close_window,
+            poll: self.poll,
+            reconnect_after: DelayRange {
+                min: self.reconnect_after.min,
+                max: self.reconnect_after.max,
+            },
+        }
     }
 }
-
-const MAX_TOKEN_LEN: usize = 256;
 
 impl AgentArgs {
     pub fn validate(self) -> Result<AgentConfig, ConfigError> {
@@ -364,24 +300,6 @@ impl AgentArgs {
     }
 }
 
-/// An admin API base URL: `http://HOST:PORT[/prefix]`, trailing `/` dropped. Shared with
-/// the injector, which checks the `wsdrain.io/admin-url` annotation with it.
-pub fn parse_admin_url(raw: &str) -> Result<hyper::Uri, String> {
-    let uri: hyper::Uri = raw
-        .trim_end_matches('/')
-        .parse()
-        .map_err(|e| format!("'{raw}' is not a URL: {e}"))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(format!(
-            "'{raw}' must start with http:// (the admin API is plain HTTP on loopback)"
-        ));
-    }
-    if uri.host().is_none() {
-        return Err(format!("'{raw}' has no host"));
-    }
-    Ok(uri)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,30 +316,6 @@ mod tests {
         full.extend_from_slice(args);
         let cli = Cli::try_parse_from(full).map_err(|e| e.to_string())?;
         cli.agent.validate().map_err(|e| e.to_string())
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("25s"), Ok(Duration::from_secs(25)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
-        assert!(parse_duration("25").unwrap_err().contains("no unit"));
-        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
-        assert!(parse_duration("ms").unwrap_err().contains("number"));
-        assert!(parse_duration("48h").unwrap_err().contains("range"));
-        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
-        assert_eq!(format_duration(Duration::from_secs(25)), "25s");
-    }
-
-    #[test]
-    fn ranges() {
-        let r = parse_range("0ms..2s").unwrap();
-        assert_eq!((r.min, r.max), (Duration::ZERO, Duration::from_secs(2)));
-        let fixed = parse_range("500ms").unwrap();
-        assert_eq!(fixed.min, fixed.max);
-        assert!(parse_range("2s..1s").unwrap_err().contains("larger"));
     }
 
     #[test]

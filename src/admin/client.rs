@@ -1,4 +1,4 @@
-//! Client of the app's admin API v1 (docs/admin-api.md).
+//! The agent's client of the app's admin API v1 (docs/admin-api.md).
 //!
 //! One plain HTTP/1.1 connection per call (calls are rare: one per close batch or
 //! poll), the whole call bounded by the client's timeout, the answer bounded in size.
@@ -11,29 +11,14 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, Uri};
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use thiserror::Error;
 
+use super::v1::{
+    self, CONNECTIONS_PATH, DRAIN_PATH, DrainReply, DrainRequest, EXCERPT_BYTES, FieldError,
+    MAX_REPLY_BYTES, excerpt,
+};
+use crate::drain::seams::{BoxFuture, CloseError, CloseReply, CloseRequest, SessionCloser};
 use crate::http1::{self, Endpoint, read_limited};
-
-/// Largest answer body we read; the real answers are a few dozen bytes.
-pub const MAX_REPLY_BYTES: usize = 64 * 1024;
-/// How much of an unexpected body goes into an error message.
-const EXCERPT_BYTES: usize = 200;
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DrainRequest {
-    pub max: u64,
-    pub code: u16,
-    pub reason: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DrainReply {
-    pub closed: u64,
-    pub remaining: u64,
-}
 
 #[derive(Debug, Error)]
 pub enum AdminError {
@@ -58,14 +43,8 @@ pub enum AdminError {
         status: u16,
         excerpt: String,
     },
-    #[error(
-        "admin API {call} answered a body that is not a JSON object: {message}; body starts {excerpt:?}"
-    )]
-    NotJson {
-        call: &'static str,
-        message: String,
-        excerpt: String,
-    },
+    #[error("admin API {call} answered a body that is not a JSON object: {message}")]
+    NotJson { call: &'static str, message: String },
     #[error("admin API {call} answer: field `{field}` {problem}")]
     BadField {
         call: &'static str,
@@ -115,18 +94,17 @@ impl AdminClient {
             call: DRAIN,
             message: format!("cannot encode request: {e}"),
         })?;
-        let value = self.call(DRAIN, Method::POST, "/drain", body).await?;
-        Ok(DrainReply {
-            closed: u64_field(DRAIN, &value, "closed")?,
-            remaining: u64_field(DRAIN, &value, "remaining")?,
-        })
+        let answer = self.call(DRAIN, Method::POST, DRAIN_PATH, body).await?;
+        v1::parse_drain_reply(&answer).map_err(|e| bad_field(DRAIN, e))
     }
 
     pub async fn connections(&self) -> Result<u64, AdminError> {
-        let value = self
-            .call(CONNECTIONS, Method::GET, "/connections", Vec::new())
+        let answer = self
+            .call(CONNECTIONS, Method::GET, CONNECTIONS_PATH, Vec::new())
             .await?;
-        u64_field(CONNECTIONS, &value, "open")
+        v1::parse_connections_reply(&answer)
+            .map(|r| r.open)
+            .map_err(|e| bad_field(CONNECTIONS, e))
     }
 
     async fn call(
@@ -135,7 +113,7 @@ impl AdminClient {
         method: Method,
         path: &str,
         body: Vec<u8>,
-    ) -> Result<Value, AdminError> {
+    ) -> Result<Vec<u8>, AdminError> {
         tokio::time::timeout(self.timeout, self.exchange(call, method, path, body))
             .await
             .map_err(|_| AdminError::Timeout {
@@ -150,7 +128,7 @@ impl AdminClient {
         method: Method,
         path: &str,
         body: Vec<u8>,
-    ) -> Result<Value, AdminError> {
+    ) -> Result<Vec<u8>, AdminError> {
         let endpoint = Endpoint::parse(&self.base).map_err(|reason| AdminError::BadUrl {
             url: self.base.to_string(),
             reason,
@@ -214,62 +192,48 @@ impl AdminClient {
                 limit: MAX_REPLY_BYTES,
             });
         }
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(value @ Value::Object(_)) => Ok(value),
-            Ok(other) => Err(AdminError::NotJson {
-                call,
-                message: format!("got a JSON {}", json_kind(&other)),
-                excerpt: excerpt(&bytes),
-            }),
-            Err(e) => Err(AdminError::NotJson {
-                call,
-                message: e.to_string(),
-                excerpt: excerpt(&bytes),
-            }),
-        }
+        Ok(bytes)
     }
 }
 
-fn u64_field(call: &'static str, value: &Value, field: &'static str) -> Result<u64, AdminError> {
-    match value.get(field) {
-        None => Err(AdminError::BadField {
+fn bad_field(call: &'static str, e: FieldError) -> AdminError {
+    if e.field == "body" {
+        return AdminError::NotJson {
             call,
-            field,
-            problem: "is missing".to_owned(),
-        }),
-        Some(v) => v.as_u64().ok_or_else(|| AdminError::BadField {
-            call,
-            field,
-            problem: format!(
-                "must be a non-negative integer, got {}",
-                excerpt(v.to_string().as_bytes())
-            ),
-        }),
+            message: e.message,
+        };
+    }
+    AdminError::BadField {
+        call,
+        field: e.field,
+        problem: e.message,
     }
 }
 
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
+/// The admin API is the drain's closer when the app implements it.
+impl SessionCloser for AdminClient {
+    fn close(&self, req: CloseRequest) -> BoxFuture<'_, Result<CloseReply, CloseError>> {
+        Box::pin(async move {
+            let req = DrainRequest {
+                max: req.max,
+                code: req.code,
+                reason: req.reason,
+            };
+            match self.drain(&req).await {
+                Ok(r) => Ok(CloseReply {
+                    closed: r.closed,
+                    remaining: r.remaining,
+                }),
+                Err(e) => Err(CloseError {
+                    label: e.result_label(),
+                    message: e.to_string(),
+                }),
+            }
+        })
     }
-}
 
-/// A short, printable start of a body for error messages.
-fn excerpt(bytes: &[u8]) -> String {
-    let head = &bytes[..bytes.len().min(EXCERPT_BYTES)];
-    let text: String = String::from_utf8_lossy(head)
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if bytes.len() > EXCERPT_BYTES {
-        format!("{}…", text.trim_end())
-    } else {
-        text.trim_end().to_owned()
+    fn timeout(&self) -> Duration {
+        self.timeout
     }
 }
 
@@ -316,13 +280,5 @@ mod tests {
         for (err, label) in cases {
             assert_eq!(err.result_label(), label, "{err}");
         }
-    }
-
-    #[test]
-    fn excerpt_is_short_and_printable() {
-        assert_eq!(excerpt(b"a\nb\r\n"), "a b");
-        let long = vec![b'x'; 1000];
-        let e = excerpt(&long);
-        assert!(e.len() < 210 && e.ends_with('…'), "{e}");
     }
 }
