@@ -79,4 +79,40 @@ mod tests {
             Err(HintError::Control)
         );
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1024))]
+            /// Any template a user can pass: parsed or refused with a reason, never a
+            /// panic; a parsed one renders every delay within the close-frame limit
+            /// (the agent checks the largest delay at start).
+            #[test]
+            fn any_template(t in "\\PC{0,140}", after in any::<u64>()) {
+                let with_placeholder = format!("{t}{PLACEHOLDER}");
+                for candidate in [t.as_str(), with_placeholder.as_str()] {
+                    if let Ok(h) = HintTemplate::parse(candidate) {
+                        match h.render(after) {
+                            Ok(r) => {
+                                prop_assert!(r.len() <= MAX_REASON_BYTES);
+                                prop_assert!(r.contains(&after.to_string()));
+                            }
+                            Err(HintError::TooLong(n)) => prop_assert!(n > MAX_REASON_BYTES),
+                            Err(e) => prop_assert!(false, "unexpected {e}"),
+                        }
+                    }
+                }
+            }
+
+            /// The default template renders JSON a client can read back.
+            #[test]
+            fn default_is_json(after in 0u64..3_600_000) {
+                let r = HintTemplate::default().render(after).unwrap();
+                let v: serde_json::Value = serde_json::from_str(&r).unwrap();
+                prop_assert_eq!(v["reconnect_after_ms"].as_u64(), Some(after));
+            }
+        }
+    }
 }
