@@ -102,11 +102,12 @@ fn main() {
     let footprint = footprint(&bin);
     for f in &footprint {
         println!(
-            "  footprint {:<34}: binary {:>9}, idle VmRSS {} (RssAnon {})",
+            "  footprint {:<11}: binary {:>9}, idle VmRSS {} (RssAnon {}), {}",
             f.label,
             mib_bytes(f.size),
             kib(f.rss),
-            kib(f.anon)
+            kib(f.anon),
+            f.path.display()
         );
     }
     let floor = footprint
@@ -184,9 +185,9 @@ fn main() {
     ));
 
     println!();
-    println!("{:<42} {:<36} {:<10} verdict", "figure", "value", "goal");
+    println!("{:<42} {:<36} {:<14} verdict", "figure", "value", "goal");
     for (name, value, goal, verdict) in rows {
-        println!("{name:<42} {value:<36} {goal:<10} {verdict}");
+        println!("{name:<42} {value:<36} {goal:<14} {verdict}");
     }
     println!(
         "binary {kind}; total {:.1?}; machine {}",
@@ -219,6 +220,7 @@ fn echo_binary(bin: &Path) -> PathBuf {
 
 struct Footprint {
     label: String,
+    path: PathBuf,
     /// Bytes on disk.
     size: u64,
     /// Median idle VmRSS and RssAnon in KiB.
@@ -257,6 +259,7 @@ fn footprint(bin: &Path) -> Vec<Footprint> {
         let (rss, anon) = samples[samples.len() / 2];
         out.push(Footprint {
             label: label.to_owned(),
+            path,
             size: meta.len(),
             rss,
             anon,
