@@ -47,6 +47,11 @@ enum Command {
   wsdrain inject -f deployment.yaml > injected.yaml
   kubectl get deploy chat -o yaml | wsdrain inject -f - | kubectl apply -f -")]
     Inject(wsdrain::inject::cli::InjectArgs),
+    /// Remove what `inject` (or the webhook) added, restoring the original pods.
+    #[command(after_help = "Example:
+  wsdrain uninject -f injected.yaml > original.yaml
+  kubectl get deploy chat -o yaml | wsdrain uninject -f - | kubectl apply -f -")]
+    Uninject(wsdrain::inject::cli::UninjectArgs),
     /// Run CMD as a child and drain before passing SIGTERM on (no sidecar).
     #[command(after_help = "Example (as the container's entrypoint):
   wsdrain wrap --ports 8080 --admin-url http://127.0.0.1:8081 -- /app/server --port 8080")]
@@ -96,6 +101,7 @@ fn main() -> ExitCode {
         Command::Wrap(args) => return wsdrain::wrap::main(args),
         // inject is synchronous I/O on files.
         Command::Inject(args) => wsdrain::inject::cli::run(args),
+        Command::Uninject(args) => wsdrain::inject::cli::run_uninject(args),
         Command::CopySelf { dest } => wsdrain::inject::copy_self::copy_self(&dest)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| anyhow::anyhow!("copy-self {}: {e}", dest.display())),

@@ -51,6 +51,7 @@ fn completion_scripts_for_bash_zsh_and_fish_cover_every_subcommand() {
             "agent",
             "webhook",
             "inject",
+            "uninject",
             "wrap",
             "prestop",
             "version",
@@ -98,7 +99,7 @@ fn an_unknown_shell_is_refused_with_the_choices() {
 fn every_subcommand_help_has_an_example_and_the_global_flag_once() {
     let top = stdout(&["--help"]);
     assert_eq!(top.matches("--log-format").count(), 1, "{top}");
-    let mut subs = vec!["agent", "webhook", "inject", "wrap", "prestop"];
+    let mut subs = vec!["agent", "webhook", "inject", "uninject", "wrap", "prestop"];
     subs.extend(cfg!(feature = "echo").then_some("echo"));
     subs.extend(cfg!(feature = "lab").then_some("lab"));
     subs.extend(["version", "completion"]);

@@ -371,7 +371,7 @@ async fn native_sidecars_flag_decides_where_the_agent_goes() {
 /// The webhook container of deploy/deployment.yaml: (args, env name/value pairs).
 fn shipped_webhook_container() -> (Vec<String>, Vec<(String, String)>) {
     let text = std::fs::read_to_string(common::repo_path("deploy/deployment.yaml")).expect("read");
-    let deployment = serde_yaml::Deserializer::from_str(&text)
+    let deployment = serde_norway::Deserializer::from_str(&text)
         .map(|doc| Value::deserialize(doc).expect("yaml"))
         .find(|doc| doc["kind"] == "Deployment")
         .expect("a Deployment");

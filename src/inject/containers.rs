@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use super::options::Options;
+use super::options::{Options, Resources};
 use super::{AGENT_NAME, InjectSettings, TOKEN_HEADER};
 use crate::units::format_duration;
 
@@ -14,6 +14,18 @@ pub struct AgentPlan<'a> {
     pub ports: &'a [u16],
     pub grace_secs: i64,
     pub drain_timeout: std::time::Duration,
+    /// The agent image: `wsdrain.io/image`, else the injector's.
+    pub image: &'a str,
+    /// Proxy mode: the agent's listen port, the app port behind it, and the name of
+    /// the app's containerPort, which moves to the agent.
+    pub proxy: Option<Proxy>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proxy {
+    pub listen: u16,
+    pub app: u16,
+    pub name: Option<String>,
 }
 
 pub const BIN_VOLUME: &str = "wsdrain-bin";
@@ -31,8 +43,24 @@ fn ports_list(ports: &[u16]) -> String {
 /// Agent settings as (env name, flag, value): the sidecar takes env, wrap takes flags.
 fn agent_options(plan: &AgentPlan) -> Vec<(&'static str, &'static str, String)> {
     let o = plan.options;
-    let mut out = vec![
-        ("WSDRAIN_PORTS", "--ports", ports_list(plan.ports)),
+    let mut out = Vec::new();
+    match &plan.proxy {
+        // --ports defaults to the proxy's listen port; other app ports are counted too.
+        Some(p) => {
+            out.push((
+                "WSDRAIN_PROXY",
+                "--proxy",
+                format!("0.0.0.0:{}=127.0.0.1:{}", p.listen, p.app),
+            ));
+            if plan.ports.len() > 1 {
+                let mut ports = vec![p.listen];
+                ports.extend(plan.ports.iter().filter(|&&q| q != p.app));
+                out.push(("WSDRAIN_PORTS", "--ports", ports_list(&ports)));
+            }
+        }
+        None => out.push(("WSDRAIN_PORTS", "--ports", ports_list(plan.ports))),
+    }
+    out.extend([
         (
             "WSDRAIN_GRACE_PERIOD",
             "--grace-period",
@@ -43,7 +71,7 @@ fn agent_options(plan: &AgentPlan) -> Vec<(&'static str, &'static str, String)> 
             "--drain-timeout",
             format_duration(plan.drain_timeout),
         ),
-    ];
+    ]);
     if let Some(url) = &o.admin_url {
         out.push(("WSDRAIN_ADMIN_URL", "--admin-url", url.clone()));
     }
@@ -55,6 +83,19 @@ fn agent_options(plan: &AgentPlan) -> Vec<(&'static str, &'static str, String)> 
     }
     if let Some(r) = &o.reconnect_after {
         out.push(("WSDRAIN_RECONNECT_AFTER", "--reconnect-after", r.clone()));
+    }
+    if let Some(service) = &o.service {
+        out.push(("WSDRAIN_SERVICE", "--service", service.clone()));
+    }
+    if o.rebalance {
+        out.push(("WSDRAIN_REBALANCE", "--rebalance", "true".into()));
+    }
+    if let Some(rate) = o.fleet_close_rate {
+        out.push((
+            "WSDRAIN_FLEET_CLOSE_RATE",
+            "--fleet-close-rate",
+            rate.to_string(),
+        ));
     }
     out.push(("WSDRAIN_TOKEN", "--token", plan.settings.token.clone()));
     out
@@ -78,8 +119,15 @@ fn security_context() -> Value {
     })
 }
 
-fn resources() -> Value {
-    json!({"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}})
+fn resources(r: &Resources) -> Value {
+    let mut limits = serde_json::Map::new();
+    if let Some(cpu) = &r.cpu_limit {
+        limits.insert("cpu".into(), json!(cpu));
+    }
+    if let Some(memory) = &r.memory_limit {
+        limits.insert("memory".into(), json!(memory));
+    }
+    json!({"requests": {"cpu": r.cpu_request, "memory": r.memory_request}, "limits": limits})
 }
 
 /// The agent container; `native` makes it a sidecar init container.
@@ -103,12 +151,23 @@ pub fn agent(plan: &AgentPlan, native: bool) -> Value {
     if plan.options.readiness_gate {
         env.push(json!({"name": "WSDRAIN_READINESS_GATE", "value": "true"}));
     }
+    if let Some(level) = &plan.options.log_level {
+        env.push(json!({"name": "RUST_LOG", "value": level}));
+    }
+    let mut ports = vec![json!({"name": "wsdrain-api", "containerPort": port, "protocol": "TCP"})];
+    if let Some(p) = &plan.proxy {
+        let mut proxy = json!({"containerPort": p.listen, "protocol": "TCP"});
+        if let Some(name) = &p.name {
+            proxy["name"] = json!(name);
+        }
+        ports.push(proxy);
+    }
     let mut c = json!({
         "name": AGENT_NAME,
-        "image": s.image,
+        "image": plan.image,
         "imagePullPolicy": s.image_pull_policy,
         "args": ["agent"],
-        "ports": [{"name": "wsdrain-api", "containerPort": port, "protocol": "TCP"}],
+        "ports": ports,
         "env": env,
         // Fails fast once draining so the pod leaves rotation even without a gate.
         "readinessProbe": {
@@ -119,7 +178,7 @@ pub fn agent(plan: &AgentPlan, native: bool) -> Value {
             "httpGet": {"path": "/livez", "port": port, "scheme": "HTTP"},
             "periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 3, "successThreshold": 1
         },
-        "resources": resources(),
+        "resources": resources(&plan.options.resources),
         "securityContext": security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError"
     });
@@ -140,14 +199,14 @@ pub fn prestop(settings: &InjectSettings) -> Value {
 }
 
 /// Wrap mode: init container copying the static binary into the shared volume.
-pub fn copy_init(settings: &InjectSettings) -> Value {
+pub fn copy_init(plan: &AgentPlan) -> Value {
     json!({
         "name": COPY_NAME,
-        "image": settings.image,
-        "imagePullPolicy": settings.image_pull_policy,
+        "image": plan.image,
+        "imagePullPolicy": plan.settings.image_pull_policy,
         "command": ["/wsdrain", "copy-self", format!("{BIN_DIR}/wsdrain")],
         "volumeMounts": [{"name": BIN_VOLUME, "mountPath": BIN_DIR}],
-        "resources": resources(),
+        "resources": resources(&plan.options.resources),
         "securityContext": security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError"
     })

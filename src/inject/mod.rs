@@ -6,16 +6,20 @@ use std::time::Duration;
 use rand::Rng;
 use thiserror::Error;
 
+mod appgw;
 pub mod cli;
 mod containers;
 pub mod copy_self;
+mod mesh;
 mod options;
 mod patch;
 mod pod;
+pub mod status;
+pub mod yaml;
 
 /// Image used when neither the webhook nor `inject` is told otherwise.
 pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/wsdrain/wsdrain:", env!("CARGO_PKG_VERSION"));
-/// Port of the agent HTTP API (docs/agent.md, "API").
+/// Port of the agent HTTP API (docs/agent.md).
 pub const AGENT_PORT: u16 = 19901;
 /// Name of the injected agent container.
 pub const AGENT_NAME: &str = "wsdrain";
@@ -90,11 +94,35 @@ pub struct InjectError {
 }
 
 impl InjectError {
+    /// Both parts are clipped: they may quote what the pod says.
     pub(crate) fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
         InjectError {
-            field: field.into(),
-            reason: reason.into(),
+            field: clip(&field.into()),
+            reason: clip(&reason.into()),
         }
+    }
+}
+
+/// Longest value quoted whole in a warning, error or log line.
+const SHOWN_MAX: usize = 64;
+
+/// `value` quoted for a message: at most `SHOWN_MAX` characters, and when longer it
+/// says how long it was (a 1 MB annotation must not become a 1 MB log line).
+pub fn shown(value: &str) -> String {
+    match value.char_indices().nth(SHOWN_MAX) {
+        None => format!("{value:?}"),
+        Some((end, _)) => format!("{:?}… ({} bytes)", &value[..end], value.len()),
+    }
+}
+
+/// Longest message text kept whole (errors from parsers may quote their input).
+const MESSAGE_MAX: usize = 512;
+
+/// `text` cut to `MESSAGE_MAX` characters, saying how long it was.
+pub fn clip(text: &str) -> String {
+    match text.char_indices().nth(MESSAGE_MAX) {
+        None => text.to_string(),
+        Some((end, _)) => format!("{}… ({} bytes)", &text[..end], text.len()),
     }
 }
 
@@ -112,6 +140,12 @@ pub fn inject_pod(
     pod::decide(pod, settings)
 }
 
+/// The pod as it was before injection (`wsdrain uninject`); `None` when `pod` carries
+/// no `wsdrain.io/status`.
+pub fn uninject_pod(pod: &serde_json::Value) -> Result<Option<serde_json::Value>, InjectError> {
+    pod::undo(pod)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +155,19 @@ mod tests {
         assert_eq!(escape_token("wsdrain.io/status"), "wsdrain.io~1status");
         assert_eq!(escape_token("a~/b"), "a~0~1b");
         assert_eq!(escape_token("~1"), "~01");
+    }
+
+    #[test]
+    fn long_values_are_shown_truncated_with_their_length() {
+        assert_eq!(shown("abc"), r#""abc""#);
+        let long = "é".repeat(1 << 20);
+        let s = shown(&long);
+        assert!(s.len() < 200, "{s}");
+        assert!(s.ends_with(&format!("… ({} bytes)", long.len())), "{s}");
+        assert_eq!(
+            shown(&"x".repeat(SHOWN_MAX)),
+            format!("{:?}", "x".repeat(SHOWN_MAX))
+        );
     }
 
     #[test]

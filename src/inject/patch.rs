@@ -1,7 +1,7 @@
 //! Collects RFC 6902 `add`/`replace` operations with RFC 6901-escaped paths.
 
 use json_patch::jsonptr::PointerBuf;
-use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation};
+use json_patch::{AddOperation, Patch, PatchOperation, RemoveOperation, ReplaceOperation};
 use serde_json::Value;
 
 use super::{InjectError, escape_token};
@@ -14,16 +14,27 @@ pub fn pointer(tokens: &[&str]) -> String {
         .collect()
 }
 
-#[derive(Default)]
-pub struct Ops(Vec<(bool, String, Value)>);
+#[derive(Default, Clone)]
+pub struct Ops(Vec<(Op, String, Value)>);
+
+#[derive(Clone, Copy)]
+enum Op {
+    Add,
+    Replace,
+    Remove,
+}
 
 impl Ops {
     pub fn add(&mut self, path: &[&str], value: Value) {
-        self.0.push((false, pointer(path), value));
+        self.0.push((Op::Add, pointer(path), value));
     }
 
     pub fn replace(&mut self, path: &[&str], value: Value) {
-        self.0.push((true, pointer(path), value));
+        self.0.push((Op::Replace, pointer(path), value));
+    }
+
+    pub fn remove(&mut self, path: &[&str]) {
+        self.0.push((Op::Remove, pointer(path), Value::Null));
     }
 
     /// Appends to the array at `path` with `/-`, or creates it when absent.
@@ -53,13 +64,13 @@ impl Ops {
     pub fn into_patch(self) -> Result<Patch, InjectError> {
         self.0
             .into_iter()
-            .map(|(replace, path, value)| {
+            .map(|(op, path, value)| {
                 let path = PointerBuf::parse(path.as_str())
                     .map_err(|e| InjectError::new(path.clone(), format!("bad pointer: {e}")))?;
-                Ok(if replace {
-                    PatchOperation::Replace(ReplaceOperation { path, value })
-                } else {
-                    PatchOperation::Add(AddOperation { path, value })
+                Ok(match op {
+                    Op::Add => PatchOperation::Add(AddOperation { path, value }),
+                    Op::Replace => PatchOperation::Replace(ReplaceOperation { path, value }),
+                    Op::Remove => PatchOperation::Remove(RemoveOperation { path }),
                 })
             })
             .collect::<Result<Vec<_>, _>>()

@@ -5,10 +5,14 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
-use super::containers::{self, AgentPlan, COPY_NAME};
+use super::containers::{self, AgentPlan, COPY_NAME, Proxy};
+use super::mesh;
 use super::options::{self, Grace, Mode, Options, PortRef, Sidecar};
 use super::patch::Ops;
-use super::{AGENT_NAME, Decision, INJECT_LABEL, InjectError, InjectSettings, STATUS_ANNOTATION};
+use super::status::{Status, VERSION};
+use super::{
+    AGENT_NAME, Decision, INJECT_LABEL, InjectError, InjectSettings, STATUS_ANNOTATION, clip, shown,
+};
 use crate::units::format_duration;
 
 /// The readiness-gate condition the agent patches (one name for both sides).
@@ -33,13 +37,118 @@ fn skip<T>(reason: impl Into<String>) -> Result<T, Stop> {
 }
 
 pub fn decide(pod: &Value, settings: &InjectSettings) -> Result<Decision, InjectError> {
-    match plan(pod, settings) {
-        Ok((ops, warnings)) => Ok(Decision::Patch {
-            patch: ops.into_patch()?,
-            warnings,
+    let status = match Status::of(pod) {
+        Ok(None) => return fresh(pod, settings),
+        Ok(Some(status)) => status,
+        Err(_) => {
+            let raw = pod["metadata"]["annotations"][STATUS_ANNOTATION].to_string();
+            return Ok(Decision::Skip {
+                reason: format!(
+                    "already injected ({STATUS_ANNOTATION}: {}, written by an older wsdrain: not updated)",
+                    clip(&raw)
+                ),
+            });
+        }
+    };
+    if status.version == VERSION && status.image == injected_image(pod, settings) {
+        return Ok(Decision::Skip {
+            reason: format!(
+                "already injected (wsdrain {}, image {})",
+                status.version,
+                shown(&status.image)
+            ),
+        });
+    }
+    // Injected by another version or with another image: undo, inject again, and
+    // patch the difference.
+    let original = status.undo(pod)?;
+    match fresh(&original, settings)? {
+        Decision::Skip { reason } => Ok(Decision::Skip {
+            reason: format!(
+                "injected by wsdrain {} and not updated: {reason}",
+                status.version
+            ),
         }),
-        Err(Stop::Skip(reason)) => Ok(Decision::Skip { reason }),
-        Err(Stop::Error(e)) => Err(e),
+        Decision::Patch {
+            patch,
+            mut warnings,
+        } => {
+            let mut updated = original;
+            json_patch::patch(&mut updated, &patch)
+                .map_err(|e| InjectError::new("spec", format!("patch does not apply: {e}")))?;
+            warnings.push(format!(
+                "updated the agent injected by wsdrain {} (image {}) to wsdrain {VERSION} (image {})",
+                status.version,
+                shown(&status.image),
+                shown(&settings.image)
+            ));
+            Ok(Decision::Patch {
+                patch: json_patch::diff(pod, &updated),
+                warnings,
+            })
+        }
+    }
+}
+
+/// The pod as it was before injection; `None` when it carries no status.
+pub fn undo(pod: &Value) -> Result<Option<Value>, InjectError> {
+    Status::of(pod)?.map(|s| s.undo(pod)).transpose()
+}
+
+/// Injection into a pod that carries no status.
+fn fresh(pod: &Value, settings: &InjectSettings) -> Result<Decision, InjectError> {
+    let Planned {
+        mut ops,
+        warnings,
+        annotations,
+    } = match plan(pod, settings) {
+        Ok(planned) => planned,
+        Err(Stop::Skip(reason)) => return Ok(Decision::Skip { reason }),
+        Err(Stop::Error(e)) => return Err(e),
+    };
+    // The status records the undo patch, computed on the pod with a placeholder
+    // status so that undoing removes the annotation (and a map created for it) too.
+    let mut injected = pod.clone();
+    let mut probe = ops.clone();
+    let mut with_status = annotations.clone();
+    with_status.push((STATUS_ANNOTATION.to_string(), json!("")));
+    add_annotations(pod, &mut probe, with_status);
+    json_patch::patch(&mut injected, &probe.into_patch()?)
+        .map_err(|e| InjectError::new("spec", format!("patch does not apply: {e}")))?;
+    let image = injected_image(pod, settings);
+    let status = Status::new(&image, pod, &injected);
+    let mut with_status = annotations;
+    with_status.push((STATUS_ANNOTATION.to_string(), json!(status.to_annotation())));
+    add_annotations(pod, &mut ops, with_status);
+    Ok(Decision::Patch {
+        patch: ops.into_patch()?,
+        warnings: warnings.iter().map(|w| clip(w)).collect(),
+    })
+}
+
+/// The agent image for `pod`: its `wsdrain.io/image`, else the injector's.
+fn injected_image(pod: &Value, settings: &InjectSettings) -> String {
+    pod.pointer("/metadata/annotations")
+        .and_then(Value::as_object)
+        .and_then(|a| Options::parse(a).ok())
+        .and_then(|o| o.image)
+        .unwrap_or_else(|| settings.image.clone())
+}
+
+/// Sets annotations (`add` replaces an existing key), creating the map, or metadata
+/// itself (templates may lack it), when absent.
+fn add_annotations(pod: &Value, ops: &mut Ops, annotations: Vec<(String, Value)>) {
+    let map = || Value::Object(annotations.iter().cloned().collect());
+    match pod.get("metadata") {
+        None | Some(Value::Null) => ops.add(&["metadata"], json!({"annotations": map()})),
+        Some(metadata) if !metadata.get("annotations").is_some_and(Value::is_object) => {
+            ops.add(&["metadata", "annotations"], map());
+        }
+        Some(_) => {
+            for (k, v) in annotations {
+                ops.add(&["metadata", "annotations", &k], v);
+            }
+        }
     }
 }
 
@@ -77,7 +186,14 @@ fn name_of(c: &Value) -> &str {
     c.get("name").and_then(Value::as_str).unwrap_or("")
 }
 
-fn plan(pod: &Value, settings: &InjectSettings) -> Result<(Ops, Vec<String>), Stop> {
+/// What `plan` decided: operations, warnings, and annotations to set on the pod.
+struct Planned {
+    ops: Ops,
+    warnings: Vec<String>,
+    annotations: Vec<(String, Value)>,
+}
+
+fn plan(pod: &Value, settings: &InjectSettings) -> Result<Planned, Stop> {
     let empty = Map::new();
     let labels = object(pod, &["metadata", "labels"], "metadata.labels")?.unwrap_or(&empty);
     let annotations_obj = object(pod, &["metadata", "annotations"], "metadata.annotations")?;
@@ -93,16 +209,13 @@ fn plan(pod: &Value, settings: &InjectSettings) -> Result<(Ops, Vec<String>), St
             ));
         }
         Some(other) => {
+            let value = other.map_or_else(|| "a non-string".into(), shown);
             return Err(InjectError::new(
                 format!("metadata.labels[\"{INJECT_LABEL}\"]"),
-                format!("{other:?} is neither \"true\" nor \"false\""),
+                format!("{value} is neither \"true\" nor \"false\""),
             )
             .into());
         }
-    }
-    if let Some(status) = annotations.get(STATUS_ANNOTATION) {
-        let status = status.as_str().unwrap_or("?");
-        return skip(format!("already injected ({STATUS_ANNOTATION}: {status})"));
     }
 
     let spec =
@@ -112,12 +225,33 @@ fn plan(pod: &Value, settings: &InjectSettings) -> Result<(Ops, Vec<String>), St
         _ => return Err(InjectError::new("spec.containers", "no containers").into()),
     };
     let init = array(spec, "initContainers", "spec")?;
-    let options = Options::parse(annotations)?;
+    let mut options = Options::parse(annotations)?;
     let mut warnings = options.warnings.clone();
+    if options.mode == Mode::Wrap {
+        for (set, name) in [
+            (options.service.is_some(), "service"),
+            (options.rebalance, "rebalance"),
+            (options.fleet_close_rate.is_some(), "fleet-close-rate"),
+            (options.log_level.is_some(), "log-level"),
+        ] {
+            if set {
+                warnings.push(format!(
+                    "wsdrain.io/{name} ignored: wrap mode runs no agent container to give it to"
+                ));
+            }
+        }
+        (options.service, options.rebalance) = (None, false);
+        (options.fleet_close_rate, options.log_level) = (None, None);
+    }
 
+    check_ports(containers, "spec.containers")?;
+    check_ports(init.into_iter().flatten(), "spec.initContainers")?;
     let all = || containers.iter().chain(init.into_iter().flatten());
     if let Some(c) = all().find(|c| [AGENT_NAME, COPY_NAME].contains(&name_of(c))) {
-        return skip(format!("a container named {:?} already exists", name_of(c)));
+        return skip(format!(
+            "a container named {} already exists",
+            shown(name_of(c))
+        ));
     }
     if spec.get("hostNetwork") == Some(&Value::Bool(true)) {
         return skip(
@@ -126,8 +260,8 @@ fn plan(pod: &Value, settings: &InjectSettings) -> Result<(Ops, Vec<String>), St
     }
     if let Some(c) = all().find(|c| declared_ports(c).iter().any(|p| p.1 == settings.agent_port)) {
         return skip(format!(
-            "container {:?} uses port {}, the agent's port",
-            name_of(c),
+            "container {} uses port {}, the agent's port",
+            shown(name_of(c)),
             settings.agent_port
         ));
     }
@@ -135,40 +269,43 @@ fn plan(pod: &Value, settings: &InjectSettings) -> Result<(Ops, Vec<String>), St
     let app_idx = choose_app(containers, annotations, &options, &mut warnings)?;
     let app = &containers[app_idx];
     let app_name = name_of(app).to_string();
+    let app_shown = shown(&app_name);
     let ports = match resolve_ports(app, &options)? {
         p if p.is_empty() => {
             return skip(format!(
-                "container {app_name:?} declares no TCP containerPorts; name the app ports in wsdrain.io/ports"
+                "container {app_shown} declares no TCP containerPorts; name the app ports in wsdrain.io/ports"
             ));
         }
         p => p,
     };
 
     let mut ops = Ops::default();
-    if pod.get("metadata").is_none_or(Value::is_null) {
-        // Templates may lack metadata altogether.
-        ops.add(
-            &["metadata"],
-            json!({"annotations": {STATUS_ANNOTATION: "injected"}}),
-        );
-    } else {
-        ops.set(
-            &["metadata", "annotations"],
-            annotations_obj.is_some(),
-            STATUS_ANNOTATION,
-            json!("injected"),
-        );
-    }
+    let mut new_annotations = Vec::new();
 
     let (grace_secs, drain_timeout) = fit_grace(spec, &options, settings, &mut ops, &mut warnings)?;
+    let idx = app_idx.to_string();
+    let proxy = match options.mode {
+        Mode::Proxy => Some(proxy_port(
+            app,
+            &idx,
+            &ports,
+            &options,
+            settings,
+            all(),
+            &mut ops,
+            &mut warnings,
+        )?),
+        _ => None,
+    };
     let plan = AgentPlan {
         settings,
         options: &options,
         ports: &ports,
         grace_secs,
         drain_timeout,
+        image: options.image.as_deref().unwrap_or(&settings.image),
+        proxy,
     };
-    let idx = app_idx.to_string();
     let app_path = ["spec", "containers", idx.as_str()];
     let app_obj = app
         .as_object()
@@ -176,7 +313,7 @@ fn plan(pod: &Value, settings: &InjectSettings) -> Result<(Ops, Vec<String>), St
     let field = format!("spec.containers[{idx}]");
 
     match options.mode {
-        Mode::Sidecar => {
+        Mode::Sidecar | Mode::Proxy => {
             let native = match (options.sidecar, settings.native_sidecars) {
                 (Sidecar::Classic, _) | (Sidecar::Auto, false) => false,
                 (Sidecar::Auto, true) | (Sidecar::Native, true) => true,
@@ -203,7 +340,7 @@ fn plan(pod: &Value, settings: &InjectSettings) -> Result<(Ops, Vec<String>), St
             let lifecycle = object(app, &["lifecycle"], &format!("{field}.lifecycle"))?;
             if lifecycle.is_some_and(|l| l.get("preStop").is_some_and(|p| !p.is_null())) {
                 warnings.push(format!(
-                    "container {app_name:?} already has a preStop hook: kept, no wsdrain hook added, so the drain will not hold its SIGTERM"
+                    "container {app_shown} already has a preStop hook: kept, no wsdrain hook added, so the drain will not hold its SIGTERM"
                 ));
             } else {
                 let mut p = app_path.to_vec();
@@ -221,14 +358,14 @@ fn plan(pod: &Value, settings: &InjectSettings) -> Result<(Ops, Vec<String>), St
                 Some(c) if !c.is_empty() => c,
                 _ => {
                     return skip(format!(
-                        "wsdrain.io/mode: wrap needs the command of container {app_name:?} in the pod spec (it runs the image ENTRYPOINT, which the injector cannot see); set command, or use mode sidecar"
+                        "wsdrain.io/mode: wrap needs the command of container {app_shown} in the pod spec (it runs the image ENTRYPOINT, which the injector cannot see); set command, or use mode sidecar"
                     ));
                 }
             };
             ops.push(
                 &["spec", "initContainers"],
                 init.is_some(),
-                containers::copy_init(settings),
+                containers::copy_init(&plan),
             );
             ops.push(
                 &["spec", "volumes"],
@@ -268,10 +405,126 @@ fn plan(pod: &Value, settings: &InjectSettings) -> Result<(Ops, Vec<String>), St
             );
         }
     }
-    Ok((ops, warnings))
+    mesh::keep_alive(
+        &mesh::Drain {
+            spec,
+            labels,
+            annotations,
+            drain_timeout,
+            grace_secs,
+            agent_port: settings.agent_port,
+        },
+        &mut ops,
+        &mut new_annotations,
+        &mut warnings,
+    )?;
+    Ok(Planned {
+        ops,
+        warnings,
+        annotations: new_annotations,
+    })
 }
 
-/// App container: annotation, else kubectl's default-container, else the first.
+/// Proxy mode: the port the agent listens on, and the app's containerPort name moved
+/// to it so that Services targeting the name reach the proxy. Probes of the app that
+/// named the port get its number instead (a port name resolves per container).
+#[allow(clippy::too_many_arguments)]
+fn proxy_port<'a>(
+    app: &Value,
+    idx: &str,
+    ports: &[u16],
+    options: &Options,
+    settings: &InjectSettings,
+    mut all: impl Iterator<Item = &'a Value>,
+    ops: &mut Ops,
+    warnings: &mut Vec<String>,
+) -> Result<Proxy, InjectError> {
+    let key = options::field("wsdrain.io/proxy-port");
+    let app_port = ports[0];
+    let listen = match options.proxy_port {
+        Some(p) => p,
+        None => app_port.checked_add(10000).ok_or_else(|| {
+            InjectError::new(
+                &key,
+                format!("app port {app_port} + 10000 is over 65535: set the proxy port"),
+            )
+        })?,
+    };
+    if listen == settings.agent_port || listen == app_port {
+        return Err(InjectError::new(
+            key,
+            format!("{listen} is the agent's or the app's own port"),
+        ));
+    }
+    if let Some(c) = all.find(|c| declared_ports(c).iter().any(|p| p.1 == listen)) {
+        return Err(InjectError::new(
+            key,
+            format!(
+                "{listen} is already a port of container {}",
+                shown(name_of(c))
+            ),
+        ));
+    }
+    let declared = app.get("ports").and_then(Value::as_array);
+    let entry = declared.into_iter().flatten().position(|p| {
+        p.get("containerPort").and_then(Value::as_u64) == Some(u64::from(app_port))
+            && p.get("protocol").and_then(Value::as_str).unwrap_or("TCP") == "TCP"
+    });
+    let name = entry
+        .and_then(|j| declared?.get(j)?.get("name")?.as_str())
+        .map(str::to_string);
+    let app_shown = shown(name_of(app));
+    if ports.len() > 1 {
+        warnings.push(format!(
+            "wsdrain.io/mode: proxy puts the proxy in front of port {app_port} only; the other app ports are counted, not proxied"
+        ));
+    }
+    match (&name, entry) {
+        (Some(name), Some(j)) => {
+            let j = j.to_string();
+            ops.remove(&["spec", "containers", idx, "ports", &j, "name"]);
+            for (probe, handler) in named_port_users(app, name) {
+                ops.replace(
+                    &["spec", "containers", idx, probe, handler, "port"],
+                    json!(app_port),
+                );
+            }
+            warnings.push(format!(
+                "wsdrain.io/mode: proxy: the agent listens on {listen} and forwards to the app on 127.0.0.1:{app_port}; the port name {} moved from container {app_shown} to the agent, so Services with targetPort: {} now go through the proxy. The injector cannot see Services: one with targetPort: {app_port} (a number) still reaches the app directly and its sessions get no close frame; target the port by name or the proxy port {listen}",
+                shown(name),
+                shown(name)
+            ));
+        }
+        _ => warnings.push(format!(
+            "wsdrain.io/mode: proxy: the agent listens on {listen} and forwards to the app on 127.0.0.1:{app_port}, but the app's containerPort {app_port} has no name to move: only Services with targetPort: {listen} go through the proxy; name the containerPort and target it by name"
+        )),
+    }
+    Ok(Proxy {
+        listen,
+        app: app_port,
+        name,
+    })
+}
+
+/// (probe, handler) of the app's probes that use the port `name`.
+fn named_port_users(app: &Value, name: &str) -> Vec<(&'static str, &'static str)> {
+    let mut out = Vec::new();
+    for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+        for handler in ["httpGet", "tcpSocket"] {
+            if app
+                .pointer(&format!("/{probe}/{handler}/port"))
+                .and_then(Value::as_str)
+                == Some(name)
+            {
+                out.push((probe, handler));
+            }
+        }
+    }
+    out
+}
+
+/// App container: annotation, else kubectl's default-container, else the only
+/// container declaring TCP ports, else the first.
 fn choose_app(
     containers: &[Value],
     annotations: &Map<String, Value>,
@@ -285,7 +538,8 @@ fn choose_app(
             InjectError::new(
                 options::field("wsdrain.io/app-container"),
                 format!(
-                    "no container named {name:?} (containers: {})",
+                    "no container named {} (containers: {})",
+                    shown(name),
                     names.join(", ")
                 ),
             )
@@ -295,11 +549,51 @@ fn choose_app(
         match find(name) {
             Some(i) => return Ok(i),
             None => warnings.push(format!(
-                "{DEFAULT_CONTAINER} names {name:?}, which is not a container: drained the first container instead"
+                "{DEFAULT_CONTAINER} names {}, which is not a container: chose the app container by its ports instead",
+                shown(name)
             )),
         }
     }
-    Ok(0)
+    // A logger or other helper without ports must not be taken for the app; a mesh
+    // proxy's ports do not count.
+    let with_tcp: Vec<usize> = (0..containers.len())
+        .filter(|&i| !mesh::is_proxy(name_of(&containers[i])))
+        .filter(|&i| declared_ports(&containers[i]).iter().any(|p| p.2 == "TCP"))
+        .collect();
+    Ok(match with_tcp[..] {
+        [only] => only,
+        _ => 0,
+    })
+}
+
+/// Every containerPort must be a port number: the API server would refuse the pod,
+/// and a dropped one would leave the agent counting nothing.
+fn check_ports<'a>(
+    containers: impl IntoIterator<Item = &'a Value>,
+    list: &str,
+) -> Result<(), InjectError> {
+    for (i, c) in containers.into_iter().enumerate() {
+        let Some(ports) = c.get("ports").filter(|p| !p.is_null()) else {
+            continue;
+        };
+        let ports = ports
+            .as_array()
+            .ok_or_else(|| InjectError::new(format!("{list}[{i}].ports"), "is not a list"))?;
+        for (j, p) in ports.iter().enumerate() {
+            let field = format!("{list}[{i}].ports[{j}].containerPort");
+            match p.get("containerPort") {
+                Some(v) if v.as_u64().is_some_and(|n| (1..=65535).contains(&n)) => {}
+                Some(v) => {
+                    return Err(InjectError::new(
+                        field,
+                        format!("{} is not a port number (1-65535)", clip(&v.to_string())),
+                    ));
+                }
+                None => return Err(InjectError::new(field, "missing")),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// (name, port, protocol) of each well-formed containerPort.
@@ -335,8 +629,9 @@ fn resolve_ports(app: &Value, options: &Options) -> Result<Vec<u16>, InjectError
                             InjectError::new(
                                 options::field("wsdrain.io/ports"),
                                 format!(
-                                    "container {:?} has no containerPort named {name:?}",
-                                    name_of(app)
+                                    "container {} has no containerPort named {}",
+                                    shown(name_of(app)),
+                                    shown(name)
                                 ),
                             )
                         })?,
@@ -355,7 +650,7 @@ fn resolve_ports(app: &Value, options: &Options) -> Result<Vec<u16>, InjectError
     Ok(out)
 }
 
-/// Makes drain timeout + app reserve fit in terminationGracePeriodSeconds (docs/injection.md, "Grace-period arithmetic"):
+/// Makes drain timeout + app reserve fit in terminationGracePeriodSeconds:
 /// raise the grace period or shrink the drain timeout. Returns (grace, drain timeout).
 fn fit_grace(
     spec: &Map<String, Value>,

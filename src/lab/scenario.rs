@@ -123,7 +123,7 @@ impl Scenario {
 
     pub fn parse(text: &str) -> Result<Scenario, LabError> {
         let s: Scenario =
-            serde_yaml::from_str(text).map_err(|e| LabError::Scenario(e.to_string()))?;
+            serde_norway::from_str(text).map_err(|e| LabError::Scenario(e.to_string()))?;
         if s.pods == 0 || s.pods > 8 {
             return Err(LabError::Scenario("pods must be 1 to 8".into()));
         }
