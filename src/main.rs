@@ -165,6 +165,8 @@ fn write_stdout(bytes: &[u8]) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Two workers for every async subcommand. The agent too: a current-thread runtime saved
+/// it no measurable memory (docs/benchmarks.md, "Footprint").
 fn block_on(
     future: impl std::future::Future<Output = anyhow::Result<ExitCode>>,
 ) -> anyhow::Result<ExitCode> {
