@@ -12,6 +12,8 @@ command -v python3 >/dev/null || need_apt+=(python3)
 # A C compiler and linker: rustc links with `cc`, and ring compiles C and assembly.
 command -v cc >/dev/null || need_apt+=(gcc libc6-dev)
 command -v haproxy >/dev/null || need_apt+=(haproxy)
+# nginx: the proxy bench's second reference proxy (benches/proxy.rs).
+command -v nginx >/dev/null || need_apt+=(nginx-light)
 command -v ss >/dev/null || need_apt+=(iproute2)
 command -v ip >/dev/null || need_apt+=(iproute2)
 # nsenter (lab --netns) and setpriv (unprivileged counting/lab tests).
@@ -23,7 +25,8 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  # RUNLEVEL=1: don't start the haproxy/nginx system services; tests run their own.
+  $SUDO env RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
 # Rust >= 1.95 (edition 2024, rust-version in Cargo.toml). Debian's own cargo is older:

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -19,7 +18,7 @@ use tokio::net::TcpListener;
 use crate::drain::report::Trigger;
 use crate::drain::runner::Drainer;
 use crate::metrics::Metrics;
-use crate::net::{json, text};
+use crate::net::{Slots, json, text};
 
 pub const TOKEN_HEADER: &str = "X-Wsdrain-Token";
 
@@ -32,11 +31,7 @@ pub struct Guard {
 }
 
 impl Guard {
-    fn check(
-        &self,
-        peer: IpAddr,
-        req: &Request<Incoming>,
-    ) -> Result<(), (StatusCode, &'static str)> {
+    fn check<B>(&self, peer: IpAddr, req: &Request<B>) -> Result<(), (StatusCode, &'static str)> {
         let peer = canonical(peer);
         if !self.trigger_from.is_empty()
             && !peer.is_loopback()
@@ -77,34 +72,78 @@ struct State {
 
 type Resp = Response<Full<Bytes>>;
 
+/// Most API connections open at once. The kubelet needs a handful (probes, hooks), a
+/// metrics scraper and fleet peers one each; past the cap the oldest idle connection
+/// makes room (see `net::Slots`), so a flood of idle connections costs bounded memory
+/// and file descriptors and never starves `/livez` or a hook.
+pub const MAX_CONNECTIONS: usize = 32;
+
 /// Serves the API on `listener` until the process ends.
 pub async fn serve(listener: TcpListener, drainer: Drainer, metrics: Arc<Metrics>, guard: Guard) {
+    serve_with(
+        listener,
+        drainer,
+        metrics,
+        guard,
+        Slots::new(MAX_CONNECTIONS),
+    )
+    .await
+}
+
+/// `serve` with an explicit connection table (tests read its counters).
+pub async fn serve_with(
+    listener: TcpListener,
+    drainer: Drainer,
+    metrics: Arc<Metrics>,
+    guard: Guard,
+    slots: Arc<Slots>,
+) {
     let state = Arc::new(State {
         drainer,
         metrics,
         guard,
     });
+    let mut shed_logged = false;
     loop {
-        let (stream, peer) = crate::net::accept(&listener).await;
+        let (stream, peer) = crate::net::accept_or_evict(&listener, &slots).await;
+        let Some(slot) = slots.admit() else {
+            if !shed_logged {
+                tracing::warn!(%peer, max = MAX_CONNECTIONS, "every API connection has a request in flight; shedding new connections");
+                shed_logged = true;
+            }
+            continue;
+        };
+        let slot = Arc::new(slot);
         let state = state.clone();
         tokio::spawn(async move {
+            let in_service = slot.clone();
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, peer, req).await) }
+                let busy = in_service.busy();
+                async move {
+                    let resp = route(&state, peer, req).await;
+                    drop(busy);
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .max_buf_size(16 * 1024)
                 .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "api connection ended with an error");
+            tokio::select! {
+                ended = conn => if let Err(e) = ended {
+                    tracing::debug!(error = %e, %peer, "api connection ended with an error");
+                },
+                // Closed to make room for a newer connection: it was idle.
+                _ = slot.closed() => {}
             }
         });
     }
 }
 
-async fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Resp {
+/// Answers one request. Bodies are never read, so any body type will do.
+async fn route<B>(state: &State, peer: SocketAddr, req: Request<B>) -> Resp {
     let path = req.uri().path();
     let method = req.method().clone();
     match (path, &method) {
@@ -176,6 +215,154 @@ fn refused(code: StatusCode, msg: &'static str, peer: SocketAddr) -> Resp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::drain::Settings;
+    use crate::drain::hint::{DEFAULT_TEMPLATE, HintTemplate};
+    use crate::drain::runner::Parts;
+    use crate::drain::seams::{BoxFuture, CountError, NoObserver, SessionCounter, Snapshot};
+    use crate::drain::settings::DelayRange;
+    use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
+
+    /// A pod with no connections.
+    struct Empty;
+
+    impl SessionCounter for Empty {
+        fn snapshot(&self) -> BoxFuture<'_, Result<Snapshot, CountError>> {
+            Box::pin(async { Ok(Snapshot::default()) })
+        }
+    }
+
+    fn state(token: Option<&str>) -> State {
+        let ms = Duration::from_millis;
+        let settings = Settings {
+            drain_timeout: ms(500),
+            app_reserve: ms(0),
+            settle_min: ms(0),
+            settle_quiet: ms(0),
+            settle_max: ms(0),
+            close_tick: ms(10),
+            close_window: ms(100),
+            poll: ms(10),
+            reconnect_after: DelayRange {
+                min: ms(0),
+                max: ms(0),
+            },
+        };
+        let parts = Parts {
+            counter: Arc::new(Empty),
+            closer: None,
+            close_code: 1012,
+            hint: HintTemplate::parse(DEFAULT_TEMPLATE).unwrap(),
+            observer: Arc::new(NoObserver),
+        };
+        State {
+            drainer: Drainer::new(settings, parts),
+            metrics: Arc::new(Metrics::new()),
+            guard: Guard {
+                token: token.map(str::to_owned),
+                trigger_from: vec!["10.0.0.1".parse().unwrap()],
+            },
+        }
+    }
+
+    fn method() -> impl Strategy<Value = Method> {
+        prop_oneof![
+            Just(Method::GET),
+            Just(Method::POST),
+            Just(Method::PUT),
+            Just(Method::DELETE),
+            Just(Method::HEAD),
+            Just(Method::OPTIONS),
+            "[A-Z]{1,12}".prop_map(|m| Method::from_bytes(m.as_bytes()).unwrap()),
+        ]
+    }
+
+    fn path() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("/livez".to_owned()),
+            Just("/readyz".to_owned()),
+            Just("/prestop".to_owned()),
+            Just("/drain?wait=true&x".to_owned()),
+            Just("/status".to_owned()),
+            Just("/metrics".to_owned()),
+            "/[ -~]{0,60}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any method, path and headers, from anywhere: an answer (never a panic), and
+        /// never a drain without the token.
+        #[test]
+        fn any_request_gets_an_answer_and_triggers_need_the_token(
+            method in method(),
+            path in path(),
+            headers in proptest::collection::vec(("[a-zA-Z][a-zA-Z0-9-]{0,20}", "[ -~]{0,40}"), 0..8),
+            peer_v4 in any::<[u8; 4]>(),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let st = state(Some("secret-token"));
+            let mut req = Request::builder().method(method);
+            if let Ok(uri) = path.parse::<hyper::Uri>() {
+                req = req.uri(uri);
+            }
+            for (k, v) in &headers {
+                req = req.header(k.as_str(), v.as_str());
+            }
+            let Ok(req) = req.body(()) else {
+                return Ok(());
+            };
+            let peer = SocketAddr::from((peer_v4, 40000));
+            let resp = rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(5), route(&st, peer, req)).await
+            });
+            let resp = resp.expect("every request is answered");
+            prop_assert!(
+                [200, 202, 401, 403, 404, 405, 503].contains(&resp.status().as_u16()),
+                "status {}", resp.status()
+            );
+            prop_assert!(!st.drainer.is_draining(), "a drain started without the token");
+        }
+    }
+
+    /// Raw bytes over a real socket, then a probe: the server answers or closes, and
+    /// keeps serving.
+    #[tokio::test]
+    async fn garbage_bytes_on_the_wire_do_not_stop_the_server() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let st = state(Some("t"));
+        tokio::spawn(serve(
+            listener,
+            st.drainer.clone(),
+            st.metrics.clone(),
+            st.guard.clone(),
+        ));
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(48));
+        let inputs = proptest::collection::vec(any::<u8>(), 0..2048);
+        for _ in 0..48 {
+            let bytes = inputs.new_tree(&mut runner).unwrap().current();
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let _ = s.write_all(&bytes).await;
+            let _ = s.shutdown().await;
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(12), s.read_to_end(&mut out)).await;
+        }
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        assert!(
+            out.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+        assert!(!st.drainer.is_draining());
+    }
 
     #[test]
     fn token_compare() {

@@ -9,6 +9,7 @@ pub mod conn;
 pub mod drain;
 #[cfg(feature = "echo")]
 pub mod echo;
+pub mod fleet;
 pub mod http1;
 pub mod inject;
 pub mod kube;
@@ -18,6 +19,7 @@ pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod prestop;
+pub mod proxy;
 pub mod signals;
 pub mod units;
 pub mod webhook;

@@ -1,5 +1,7 @@
 //! Log set-up shared by every subcommand: JSON lines by default, text for humans.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -14,6 +16,8 @@ pub fn init(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never in files or log collectors.
+        .with_ansi(std::io::stderr().is_terminal())
         // A closed stderr (a log collector gone) must not matter: by default the
         // subscriber reports write errors with eprintln!, which panics on EPIPE.
         .log_internal_errors(false);

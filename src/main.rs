@@ -112,7 +112,10 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "wsdrain", &mut script);
             write_stdout(&script)
         }
-        Command::Agent(args) => block_on(async { wsdrain::agent::run(args.validate()?).await }),
+        Command::Agent(args) => match args.validate() {
+            Ok(cfg) => block_on(wsdrain::agent::run(cfg)),
+            Err(e) => usage_error(e),
+        },
         Command::Webhook(args) => block_on(wsdrain::webhook::run(args)),
         Command::Prestop(args) => block_on(wsdrain::prestop::run(args)),
         #[cfg(feature = "echo")]
@@ -127,6 +130,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A bad flag value found after parsing: reported like clap's own errors, with the
+/// same exit code (2), so every bad flag ends the same way. Failures at run time exit 1.
+fn usage_error(e: impl std::fmt::Display) -> ! {
+    Cli::command()
+        .error(clap::error::ErrorKind::ValueValidation, e)
+        .exit()
 }
 
 /// `wsdrain version`: one `key: value` line each. The commit comes from the environment

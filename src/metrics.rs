@@ -25,6 +25,11 @@ pub struct PhaseLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabel {
+    pub event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: &'static str,
 }
@@ -41,6 +46,10 @@ pub struct Metrics {
     pub admin_requests: Family<ResultLabel, Counter>,
     pub count_errors: Counter,
     pub kube_failures: Gauge,
+    pub vanished: Counter,
+    pub rebalance_closes: Counter,
+    /// Proxy mode's totals (sessions, drained, bad frames, …), copied from the proxy.
+    pub proxy_events: Family<EventLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -62,6 +71,9 @@ impl Metrics {
             admin_requests: Family::default(),
             count_errors: Counter::default(),
             kube_failures: Gauge::default(),
+            vanished: Counter::default(),
+            rebalance_closes: Counter::default(),
+            proxy_events: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -115,6 +127,21 @@ impl Metrics {
             "kube_api_failures",
             "Failed Kubernetes API calls",
             m.kube_failures.clone(),
+        );
+        registry.register(
+            "connections_vanished",
+            "Connections that went away during a drain without a close requested for them (app died, resets)",
+            m.vanished.clone(),
+        );
+        registry.register(
+            "rebalance_closes",
+            "Sessions closed to move clients to less loaded pods",
+            m.rebalance_closes.clone(),
+        );
+        registry.register(
+            "proxy_events",
+            "Proxy mode totals by event: sessions, drained, close_timeouts, bad_frames_client, bad_frames_app, stalled, upstream_errors",
+            m.proxy_events.clone(),
         );
         let m = Metrics { registry, ..m };
         m.set_phase(Phase::Serving);
@@ -172,6 +199,7 @@ impl Observer for Metrics {
             .set(summary.duration_ms as f64 / 1000.0);
         self.forced_remaining
             .set(summary.remaining.min(i64::MAX as u64) as i64);
+        self.vanished.inc_by(summary.vanished);
     }
 }
 
@@ -195,6 +223,7 @@ mod tests {
             "wsdrain_drain_phase{phase=\"serving\"} 1",
             "wsdrain_drain_phase{phase=\"closing\"} 0",
             "wsdrain_build_info{version=",
+            "wsdrain_connections_vanished_total 0",
         ] {
             assert!(text.contains(name), "{name} missing in:\n{text}");
         }

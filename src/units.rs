@@ -62,7 +62,7 @@ pub fn parse_range(s: &str) -> Result<DurationRange, String> {
 /// A TCP port, 1-65535.
 pub fn parse_port(s: &str) -> Result<u16, String> {
     match s.trim().parse::<u16>() {
-        Ok(0) => Err("port 0 is not a port".into()),
+        Ok(0) => Err("0 is not allowed (ports are 1-65535)".into()),
         Ok(p) => Ok(p),
         Err(_) => Err(format!("'{s}' is not a port number (1-65535)")),
     }
@@ -82,8 +82,14 @@ pub fn check_close_code(code: u16) -> Result<(), String> {
 /// An admin API base URL: `http://HOST:PORT[/prefix]`, trailing `/` dropped. Used by the
 /// agent (`--admin-url`) and the injector (`wsdrain.io/admin-url`).
 pub fn parse_admin_url(raw: &str) -> Result<hyper::Uri, String> {
-    let uri: hyper::Uri = raw
-        .trim_end_matches('/')
+    // Checked as written; a trailing `/` is only dropped from a valid URL (trimming
+    // `http://` first would leave `http:` and a misleading message).
+    let trimmed = match raw.strip_prefix("http://") {
+        Some(rest) if !rest.trim_end_matches('/').is_empty() => raw.trim_end_matches('/'),
+        Some(_) => return Err(format!("'{raw}' has no host (e.g. http://127.0.0.1:8081)")),
+        None => raw,
+    };
+    let uri: hyper::Uri = trimmed
         .parse()
         .map_err(|e| format!("'{raw}' is not a URL: {e}"))?;
     if uri.scheme_str() != Some("http") {
@@ -147,7 +153,7 @@ mod tests {
     #[test]
     fn ports_codes_urls() {
         assert_eq!(parse_port("8080"), Ok(8080));
-        assert!(parse_port("0").unwrap_err().contains("port 0"));
+        assert!(parse_port("0").unwrap_err().contains("0 is not allowed"));
         assert!(parse_port("70000").unwrap_err().contains("not a port"));
         assert!(check_close_code(1012).is_ok());
         assert!(check_close_code(1000).is_err());

@@ -97,6 +97,7 @@ fn summary(outcome: Outcome) -> Summary {
         closes_requested: 120,
         sessions_closed: 113,
         admin_failures: 0,
+        vanished: 0,
         settle_ms: 2_000,
         close_ms: 9_800,
     }

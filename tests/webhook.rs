@@ -116,6 +116,22 @@ impl Webhook {
         call(self.addr, self.roots.clone(), "GET", path, Vec::new()).await
     }
 
+    /// Polls /metrics until a line equal to `line` shows up (bounded by `limit`).
+    async fn wait_for_metric(&self, line: &str, limit: Duration) {
+        let end = Instant::now() + limit;
+        loop {
+            let metrics = self.get("/metrics").await.text();
+            if metrics.lines().any(|l| l == line) {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "no `{line}` within {limit:?}:\n{metrics}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn post(&self, body: Vec<u8>) -> Answer {
         call(self.addr, self.roots.clone(), "POST", "/mutate", body).await
     }
@@ -233,27 +249,10 @@ fn fixture(name: &str) -> Vec<u8> {
 }
 
 fn b64decode(s: &str) -> Vec<u8> {
-    let val = |c: u8| -> u32 {
-        match c {
-            b'A'..=b'Z' => u32::from(c - b'A'),
-            b'a'..=b'z' => u32::from(c - b'a') + 26,
-            b'0'..=b'9' => u32::from(c - b'0') + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => panic!("not base64: {c:?} in {s}"),
-        }
-    };
-    let mut out = Vec::new();
-    for chunk in s.trim_end_matches('=').as_bytes().chunks(4) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, &c)| n | val(c) << (18 - 6 * i));
-        for i in 0..chunk.len() - 1 {
-            out.push((n >> (16 - 8 * i)) as u8);
-        }
-    }
-    out
+    use base64::prelude::{BASE64_STANDARD, Engine as _};
+    BASE64_STANDARD
+        .decode(s)
+        .unwrap_or_else(|e| panic!("not base64 ({e}): {s}"))
 }
 
 fn all_containers(pod: &Value) -> Vec<&Value> {
@@ -368,13 +367,35 @@ async fn native_sidecars_flag_decides_where_the_agent_goes() {
     assert!(!in_init, "classic sidecar without a known version: {agent}");
 }
 
-/// The webhook container of deploy/deployment.yaml: (args, env name/value pairs).
-fn shipped_webhook_container() -> (Vec<String>, Vec<(String, String)>) {
-    let text = std::fs::read_to_string(common::repo_path("deploy/deployment.yaml")).expect("read");
-    let deployment = serde_norway::Deserializer::from_str(&text)
+/// `kubectl kustomize` of a directory under deploy/: every object it renders.
+fn render(dir: &str) -> (String, Vec<Value>) {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(common::repo_path(dir))
+        .output()
+        .expect("run kubectl kustomize (kubectl is needed for the deploy tests)");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {dir}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf8");
+    let docs = serde_norway::Deserializer::from_str(&text)
         .map(|doc| Value::deserialize(doc).expect("yaml"))
-        .find(|doc| doc["kind"] == "Deployment")
-        .expect("a Deployment");
+        .collect();
+    (text, docs)
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} rendered"))
+}
+
+/// The webhook container of an overlay's Deployment: (args, env name/value pairs).
+fn shipped_webhook_container(overlay: &str) -> (Vec<String>, Vec<(String, String)>) {
+    let (_, docs) = render(overlay);
+    let deployment = find(&docs, "Deployment", "wsdrain-webhook");
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     let args = container["args"]
         .as_array()
@@ -398,16 +419,87 @@ fn shipped_webhook_container() -> (Vec<String>, Vec<(String, String)>) {
     (args, env)
 }
 
+#[test]
+fn both_overlays_render_and_validate_strictly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for overlay in [
+        "deploy",
+        "deploy/overlays/cert-manager",
+        "deploy/overlays/self-managed",
+    ] {
+        let (text, _) = render(overlay);
+        let path = dir.path().join(overlay.replace('/', "-") + ".yaml");
+        std::fs::write(&path, text).expect("write");
+        common::kubernetes_validate(&path);
+    }
+    let (_, plain) = render("deploy");
+    let (_, cm) = render("deploy/overlays/cert-manager");
+    assert_eq!(
+        plain, cm,
+        "`kubectl apply -k deploy/` is the cert-manager install"
+    );
+    assert_eq!(
+        find(&cm, "MutatingWebhookConfiguration", "wsdrain")["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        "wsdrain/wsdrain-webhook"
+    );
+
+    let (_, sm) = render("deploy/overlays/self-managed");
+    assert!(
+        sm.iter().all(|d| !d["apiVersion"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("cert-manager.io")),
+        "no cert-manager objects"
+    );
+    let config = find(&sm, "MutatingWebhookConfiguration", "wsdrain");
+    assert!(config["metadata"]["annotations"].is_null(), "{config}");
+    let container =
+        &find(&sm, "Deployment", "wsdrain-webhook")["spec"]["template"]["spec"]["containers"][0];
+    assert!(
+        container["args"]
+            .as_array()
+            .expect("args")
+            .contains(&Value::from("--self-managed")),
+        "{container}"
+    );
+    assert!(
+        container["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .any(|e| e["name"] == "WSDRAIN_WEBHOOK_IDENTITY"
+                && e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"),
+        "{container}"
+    );
+    // RBAC names exactly the objects the flags' defaults name, and nothing wider.
+    let role = find(&sm, "Role", "wsdrain-webhook-certificates");
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([
+            {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["wsdrain-webhook-tls"], "verbs": ["get", "update"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["wsdrain-webhook"], "verbs": ["get", "update"]},
+        ])
+    );
+    assert_eq!(
+        find(&sm, "ClusterRole", "wsdrain-webhook-ca-bundle")["rules"],
+        serde_json::json!([
+            {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"], "resourceNames": ["wsdrain"], "verbs": ["get", "patch"]},
+        ])
+    );
+    find(&sm, "Secret", "wsdrain-webhook-tls");
+    find(&sm, "Lease", "wsdrain-webhook");
+}
+
 #[tokio::test]
 async fn the_shipped_deployment_starts_and_injects_the_image_it_names() {
-    let (args, mut env) = shipped_webhook_container();
+    let (args, mut env) = shipped_webhook_container("deploy/overlays/cert-manager");
     // Pin an image no default could produce: the manifest's env name must be the one the
     // webhook reads (a mirror or a pinned tag is set exactly there).
     let image = "registry.test/mirror/wsdrain:pinned";
     let named = env
         .iter_mut()
         .find(|(_, v)| v.starts_with("ghcr.io/wsdrain/wsdrain"))
-        .expect("deployment.yaml sets the injected image in an env var");
+        .expect("the Deployment sets the injected image in an env var");
     named.1 = image.to_owned();
     let pki = Pki::new();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -595,6 +687,134 @@ async fn bad_requests_get_clear_errors_and_the_server_lives_on() {
     );
 }
 
+/// Reads from `tls` until the blank line after a response head; returns the head.
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(tls: &mut S) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    let read = async {
+        while !head.ends_with(b"\r\n\r\n") {
+            match tls.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                other => panic!(
+                    "connection ended before a response head ({other:?}): {:?}",
+                    String::from_utf8_lossy(&head)
+                ),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("response head within 5 s");
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Issue 12: a client that announces an oversized body with `Expect: 100-continue` waits
+/// before sending it; it must get 413 at once, not `100 Continue` nor a closed connection.
+#[tokio::test]
+async fn expect_continue_with_an_oversized_body_gets_413_before_sending_it() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (wh, _) = Webhook::with_files(&pki, dir.path(), &["--max-body", "100000"]);
+
+    for length in [100_001u64, 100_000_000] {
+        let mut tls = tls_connect(wh.addr, wh.roots.clone()).await;
+        let head = format!(
+            "POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {length}\r\nExpect: 100-continue\r\n\r\n"
+        );
+        tls.write_all(head.as_bytes()).await.expect("write");
+        let answer = read_head(&mut tls).await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{length}: {answer}");
+    }
+
+    // Within the limit, the same client is told to go on and gets its admission.
+    let body = fixture("pod-create.json");
+    let mut tls = tls_connect(wh.addr, wh.roots.clone()).await;
+    let head = format!(
+        "POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await.expect("write");
+    let answer = read_head(&mut tls).await;
+    assert!(answer.starts_with("HTTP/1.1 100"), "{answer}");
+    tls.write_all(&body).await.expect("write body");
+    let answer = read_head(&mut tls).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// One admission on a fresh connection, timed from TCP connect to the full answer.
+async fn timed_admission(wh: &Webhook) -> Result<(Answer, Duration), Duration> {
+    let start = Instant::now();
+    match tokio::time::timeout(Duration::from_secs(30), wh.post(fixture("pod-create.json"))).await {
+        Ok(answer) => Ok((answer, start.elapsed())),
+        Err(_) => Err(start.elapsed()),
+    }
+}
+
+/// Issue 12: 1024 idle TLS connections held every connection slot, so /healthz and
+/// admissions waited ~119 s for a keep-alive timeout; half-sent ClientHellos delayed a
+/// request past the API server's 5 s timeout. A fresh caller must be answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tls_connections_and_half_sent_hellos_do_not_lock_out_a_fresh_admission() {
+    use futures_util::StreamExt;
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (wh, _) = Webhook::with_files(&pki, dir.path(), &[]);
+
+    // 1024 completed handshakes that never send a request (bounded: 32 at a time).
+    let idle: Vec<_> = futures_util::stream::iter(0..1024)
+        .map(|_| tls_connect(wh.addr, wh.roots.clone()))
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert_eq!(idle.len(), 1024);
+    let (answer, took) = timed_admission(&wh)
+        .await
+        .unwrap_or_else(|t| panic!("no answer within {t:?} beside 1024 idle TLS connections"));
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert!(
+        took < Duration::from_secs(1),
+        "admission took {took:?} beside 1024 idle TLS connections"
+    );
+
+    // 1100 clients that send the first bytes of a ClientHello and then nothing.
+    let mut half = Vec::with_capacity(1100);
+    for _ in 0..1100 {
+        let mut tcp = tokio::net::TcpStream::connect(wh.addr)
+            .await
+            .expect("connect");
+        tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+            .await
+            .expect("write");
+        half.push(tcp);
+    }
+    let (answer, took) = timed_admission(&wh)
+        .await
+        .unwrap_or_else(|t| panic!("no answer within {t:?} beside 1100 half-sent ClientHellos"));
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert!(
+        took < Duration::from_secs(1),
+        "admission took {took:?} beside 1100 half-sent ClientHellos"
+    );
+
+    let metrics = wh.get("/metrics").await.text();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing: {metrics}"))
+    };
+    assert!(value("wsdrain_webhook_connections ") <= 1024.0, "{metrics}");
+    // The table was full: places were made by closing the quietest connections (some
+    // half-sent hellos left on their own through the handshake timeout).
+    assert!(
+        value("wsdrain_webhook_connection_evictions_total ") >= 1.0,
+        "{metrics}"
+    );
+    drop((idle, half));
+}
+
 #[tokio::test]
 async fn rotated_certificate_is_served_without_restart_and_a_bad_one_is_not() {
     let pki = Pki::new();
@@ -608,7 +828,11 @@ async fn rotated_certificate_is_served_without_restart_and_a_bad_one_is_not() {
         "-----BEGIN CERTIFICATE-----\nnope\n",
     )
     .expect("write");
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    wh.wait_for_metric(
+        "wsdrain_webhook_certificate_reloads_total{result=\"rejected\"} 1",
+        Duration::from_secs(10),
+    )
+    .await;
     let during = wh.get("/healthz").await;
     assert_eq!(during.status, 200);
     assert_eq!(
@@ -728,5 +952,543 @@ fn missing_or_bad_certificate_files_fail_at_start_with_a_message() {
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("--cert/--key"), "{err}");
+    }
+}
+
+// ---- --self-managed against kube's tower-test mock API ----------------------------------
+
+mod self_managed {
+    use std::pin::Pin;
+    use std::time::{Duration, SystemTime};
+
+    use base64::prelude::{BASE64_STANDARD, Engine as _};
+    use http::{Method, Request, Response};
+    use http_body_util::BodyExt;
+    use kube::client::Body;
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    use serde_json::{Value, json};
+    use tower_test::mock::{self, Handle, SendResponse};
+    use wsdrain::webhook::pki::{self, Material};
+    use wsdrain::webhook::self_managed::{Manager, Names, Round};
+
+    type MockHandle = Pin<Box<Handle<Request<Body>, Response<Body>>>>;
+
+    const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/wsdrain/leases/wsdrain-webhook";
+    const SECRET: &str = "/api/v1/namespaces/wsdrain/secrets/wsdrain-webhook-tls";
+    const CONFIG: &str =
+        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/wsdrain";
+
+    fn manager(identity: &str) -> (Manager, MockHandle) {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(service, "default");
+        let names = Names {
+            namespace: "wsdrain".into(),
+            secret: "wsdrain-webhook-tls".into(),
+            lease: "wsdrain-webhook".into(),
+            webhook_config: "wsdrain".into(),
+            identity: identity.into(),
+            sans: sans(),
+        };
+        (Manager::new(client, names), Box::pin(handle))
+    }
+
+    /// The serving certificate's names, the same in stored material and in the flags.
+    fn sans() -> Vec<String> {
+        vec!["wsdrain-webhook.wsdrain.svc".into()]
+    }
+
+    async fn next(handle: &mut MockHandle) -> (Request<Body>, SendResponse<Response<Body>>) {
+        tokio::time::timeout(Duration::from_secs(5), handle.as_mut().next_request())
+            .await
+            .expect("a request within 5 s")
+            .expect("client alive")
+    }
+
+    /// The next request must be `method path`; returns its JSON body (Null if none).
+    async fn expect(
+        handle: &mut MockHandle,
+        method: Method,
+        path: &str,
+    ) -> (Value, SendResponse<Response<Body>>) {
+        let (req, send) = next(handle).await;
+        assert_eq!(
+            (req.method(), req.uri().path()),
+            (&method, path),
+            "{}",
+            req.uri()
+        );
+        let content_type = req
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().expect("ascii").to_owned());
+        let query = req.uri().query().unwrap_or("").to_owned();
+        let bytes = req.into_body().collect().await.expect("body").to_bytes();
+        let mut body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).expect("JSON body")
+        };
+        if method == Method::PATCH {
+            body = json!({"contentType": content_type, "query": query, "patch": body});
+        }
+        (body, send)
+    }
+
+    fn respond(send: SendResponse<Response<Body>>, code: u16, body: &Value) {
+        send.send_response(
+            Response::builder()
+                .status(code)
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::to_vec(body).expect("json")))
+                .expect("response"),
+        );
+    }
+
+    fn lease(holder: Option<&str>, renewed: SystemTime) -> Value {
+        let mut spec = json!({});
+        if let Some(holder) = holder {
+            let t = k8s_openapi::jiff::Timestamp::try_from(renewed).expect("time");
+            spec = json!({"holderIdentity": holder, "leaseDurationSeconds": 30,
+                          "renewTime": t.to_string(), "leaseTransitions": 1});
+        }
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+               "metadata": {"name": "wsdrain-webhook", "namespace": "wsdrain", "resourceVersion": "1"},
+               "spec": spec})
+    }
+
+    fn secret(material: &Material) -> Value {
+        let data: serde_json::Map<String, Value> = material
+            .to_secret_data()
+            .into_iter()
+            .filter(|(_, v)| !v.0.is_empty())
+            .map(|(k, v)| (k, Value::String(BASE64_STANDARD.encode(&v.0))))
+            .collect();
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+               "metadata": {"name": "wsdrain-webhook-tls", "namespace": "wsdrain", "resourceVersion": "5"},
+               "data": data})
+    }
+
+    fn material_of(secret: &Value) -> Material {
+        let data: std::collections::BTreeMap<String, k8s_openapi::ByteString> =
+            serde_json::from_value(secret["data"].clone()).expect("data");
+        Material::from_secret_data(Some(&data))
+    }
+
+    fn config(bundles: [Option<&str>; 2]) -> Value {
+        let webhook = |name: &str, bundle: Option<&str>| {
+            let mut client_config = json!({"service": {"name": "wsdrain-webhook", "namespace": "wsdrain", "path": "/mutate", "port": 443}});
+            if let Some(b) = bundle {
+                client_config["caBundle"] = json!(BASE64_STANDARD.encode(b));
+            }
+            json!({"name": name, "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                   "clientConfig": client_config})
+        };
+        json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+               "metadata": {"name": "wsdrain", "resourceVersion": "9"},
+               "webhooks": [webhook("pod-label.inject.wsdrain.io", bundles[0]),
+                            webhook("namespace.inject.wsdrain.io", bundles[1])]})
+    }
+
+    fn bundle_patch(indexes: &[usize], names: &[&str], bundle: &str) -> Value {
+        let ops: Vec<Value> = indexes
+            .iter()
+            .zip(names)
+            .flat_map(|(i, name)| {
+                [
+                    json!({"op": "test", "path": format!("/webhooks/{i}/name"), "value": name}),
+                    json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"),
+                           "value": BASE64_STANDARD.encode(bundle)}),
+                ]
+            })
+            .collect();
+        json!({"contentType": "application/json-patch+json",
+               "query": "&fieldManager=wsdrain-webhook", "patch": ops})
+    }
+
+    fn ders(pem: &str) -> Vec<Vec<u8>> {
+        CertificateDer::pem_slice_iter(pem.as_bytes())
+            .map(|c| c.expect("PEM").to_vec())
+            .collect()
+    }
+
+    async fn round(manager: &mut Manager, now: SystemTime) -> Round {
+        tokio::time::timeout(Duration::from_secs(10), manager.round(now))
+            .await
+            .expect("round ends")
+            .expect("round succeeds")
+    }
+
+    #[tokio::test]
+    async fn first_replica_takes_the_lease_writes_the_secret_and_sets_the_ca_bundle() {
+        wsdrain::webhook::tls::install_ring();
+        let (mut manager, mut api) = manager("webhook-a");
+        let now = SystemTime::now();
+        let server = tokio::spawn(async move {
+            let (_, send) = expect(&mut api, Method::GET, LEASE).await;
+            respond(send, 200, &lease(None, now));
+            let (put, send) = expect(&mut api, Method::PUT, LEASE).await;
+            assert_eq!(put["metadata"]["resourceVersion"], "1", "compare-and-swap");
+            assert_eq!(put["spec"]["holderIdentity"], "webhook-a");
+            assert_eq!(put["spec"]["leaseDurationSeconds"], 30);
+            assert_eq!(put["spec"]["leaseTransitions"], 1);
+            assert!(put["spec"]["renewTime"].is_string() && put["spec"]["acquireTime"].is_string());
+            respond(send, 200, &put);
+
+            let (_, send) = expect(&mut api, Method::GET, SECRET).await;
+            respond(send, 200, &secret(&Material::default()));
+            let (put, send) = expect(&mut api, Method::PUT, SECRET).await;
+            assert_eq!(put["metadata"]["resourceVersion"], "5", "compare-and-swap");
+            let written = material_of(&put);
+            respond(send, 200, &put);
+
+            let (_, send) = expect(&mut api, Method::GET, CONFIG).await;
+            respond(send, 200, &config([None, None]));
+            let (patch, send) = expect(&mut api, Method::PATCH, CONFIG).await;
+            assert_eq!(
+                patch,
+                bundle_patch(
+                    &[0, 1],
+                    &["pod-label.inject.wsdrain.io", "namespace.inject.wsdrain.io"],
+                    &written.ca_bundle
+                )
+            );
+            respond(
+                send,
+                200,
+                &config([Some(&written.ca_bundle), Some(&written.ca_bundle)]),
+            );
+            written
+        });
+        let round = round(&mut manager, now).await;
+        let written = server.await.expect("mock server");
+        assert!(round.leader);
+        assert_eq!(round.material, written, "serves what it wrote");
+        // A serving certificate signed by the CA the bundle names.
+        assert!(
+            wsdrain::webhook::tls::certified_key(
+                written.tls_cert.as_bytes(),
+                written.tls_key.as_bytes()
+            )
+            .is_ok()
+        );
+        assert_eq!(ders(&written.tls_cert)[1], ders(&written.ca_bundle)[0]);
+        assert!(!written.ca_key.is_empty());
+    }
+
+    #[tokio::test]
+    async fn second_replica_follows_serves_the_secret_and_writes_nothing() {
+        wsdrain::webhook::tls::install_ring();
+        let now = SystemTime::now();
+        let stored = pki::renew(
+            &Material::default(),
+            pki::plan(&Material::default(), &sans(), now),
+            &sans(),
+            now,
+        )
+        .expect("material");
+        let (mut manager, mut api) = manager("webhook-b");
+        let served = stored.clone();
+        let server = tokio::spawn(async move {
+            let (_, send) = expect(&mut api, Method::GET, LEASE).await;
+            respond(
+                send,
+                200,
+                &lease(Some("webhook-a"), now - Duration::from_secs(5)),
+            );
+            let (_, send) = expect(&mut api, Method::GET, SECRET).await;
+            respond(send, 200, &secret(&served));
+            api
+        });
+        let round = round(&mut manager, now).await;
+        let mut api = server.await.expect("mock server");
+        assert!(!round.leader);
+        assert_eq!(round.material, stored);
+        drop(manager);
+        assert!(
+            api.as_mut().next_request().await.is_none(),
+            "a follower writes nothing"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lost_race_for_the_lease_means_following() {
+        wsdrain::webhook::tls::install_ring();
+        let now = SystemTime::now();
+        let (mut manager, mut api) = manager("webhook-b");
+        let server = tokio::spawn(async move {
+            let (_, send) = expect(&mut api, Method::GET, LEASE).await;
+            // Expired: webhook-a stopped renewing 31 s ago.
+            respond(
+                send,
+                200,
+                &lease(Some("webhook-a"), now - Duration::from_secs(31)),
+            );
+            let (put, send) = expect(&mut api, Method::PUT, LEASE).await;
+            assert_eq!(put["spec"]["holderIdentity"], "webhook-b");
+            assert_eq!(put["spec"]["leaseTransitions"], 2);
+            respond(
+                send,
+                409,
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                        "reason": "Conflict", "code": 409, "message": "modified"}),
+            );
+            let (_, send) = expect(&mut api, Method::GET, SECRET).await;
+            respond(send, 200, &secret(&Material::default()));
+            api
+        });
+        let round = round(&mut manager, now).await;
+        let mut api = server.await.expect("mock server");
+        assert!(!round.leader);
+        drop(manager);
+        assert!(
+            api.as_mut().next_request().await.is_none(),
+            "no writes after a lost race"
+        );
+    }
+
+    #[tokio::test]
+    async fn leader_rotates_the_ca_before_expiry_and_keeps_the_old_one_in_the_bundle() {
+        wsdrain::webhook::tls::install_ring();
+        let t0 = SystemTime::now();
+        let stored = pki::renew(
+            &Material::default(),
+            pki::plan(&Material::default(), &sans(), t0),
+            &sans(),
+            t0,
+        )
+        .expect("material");
+        // A day into the CA's renewal window, with a serving certificate issued ten days
+        // ago (so still usable).
+        let now = t0 + pki::CA_LIFETIME - pki::CA_RENEW_BEFORE + Duration::from_secs(86_400);
+        let leaf_only = pki::Plan {
+            new_ca: false,
+            new_leaf: true,
+            reason: "test",
+        };
+        let stored = pki::renew(
+            &stored,
+            leaf_only,
+            &sans(),
+            now - Duration::from_secs(10 * 86_400),
+        )
+        .expect("leaf");
+        let (mut manager, mut api) = manager("webhook-a");
+        let old = stored.clone();
+        let server = tokio::spawn(async move {
+            let (_, send) = expect(&mut api, Method::GET, LEASE).await;
+            respond(
+                send,
+                200,
+                &lease(Some("webhook-a"), now - Duration::from_secs(10)),
+            );
+            let (put, send) = expect(&mut api, Method::PUT, LEASE).await;
+            assert_eq!(put["spec"]["holderIdentity"], "webhook-a");
+            assert_eq!(
+                put["spec"]["leaseTransitions"], 1,
+                "a renewal is no transition"
+            );
+            respond(send, 200, &put);
+            let (_, send) = expect(&mut api, Method::GET, SECRET).await;
+            respond(send, 200, &secret(&old));
+            let (put, send) = expect(&mut api, Method::PUT, SECRET).await;
+            let written = material_of(&put);
+            respond(send, 200, &put);
+            let (_, send) = expect(&mut api, Method::GET, CONFIG).await;
+            respond(
+                send,
+                200,
+                &config([Some(&old.ca_bundle), Some(&old.ca_bundle)]),
+            );
+            let (patch, send) = expect(&mut api, Method::PATCH, CONFIG).await;
+            assert_eq!(
+                patch,
+                bundle_patch(
+                    &[0, 1],
+                    &["pod-label.inject.wsdrain.io", "namespace.inject.wsdrain.io"],
+                    &written.ca_bundle
+                )
+            );
+            respond(
+                send,
+                200,
+                &config([Some(&written.ca_bundle), Some(&written.ca_bundle)]),
+            );
+            written
+        });
+        let round = round(&mut manager, now).await;
+        let written = server.await.expect("mock server");
+        assert!(round.leader);
+        let bundle = ders(&written.ca_bundle);
+        assert_eq!(bundle.len(), 2, "new CA and the old one");
+        assert_eq!(
+            bundle[1],
+            ders(&stored.ca_bundle)[0],
+            "old CA still trusted"
+        );
+        assert_eq!(
+            written.tls_cert, stored.tls_cert,
+            "serving certificate kept until the new CA propagated"
+        );
+    }
+
+    #[tokio::test]
+    async fn leader_with_current_certificates_only_renews_the_lease() {
+        wsdrain::webhook::tls::install_ring();
+        let now = SystemTime::now();
+        let stored = pki::renew(
+            &Material::default(),
+            pki::plan(&Material::default(), &sans(), now),
+            &sans(),
+            now,
+        )
+        .expect("material");
+        let (mut manager, mut api) = manager("webhook-a");
+        let current = stored.clone();
+        let server = tokio::spawn(async move {
+            let (_, send) = expect(&mut api, Method::GET, LEASE).await;
+            respond(
+                send,
+                200,
+                &lease(Some("webhook-a"), now - Duration::from_secs(10)),
+            );
+            let (put, send) = expect(&mut api, Method::PUT, LEASE).await;
+            respond(send, 200, &put);
+            let (_, send) = expect(&mut api, Method::GET, SECRET).await;
+            respond(send, 200, &secret(&current));
+            let (_, send) = expect(&mut api, Method::GET, CONFIG).await;
+            respond(
+                send,
+                200,
+                &config([Some(&current.ca_bundle), Some(&current.ca_bundle)]),
+            );
+            api
+        });
+        let round = round(&mut manager, now).await;
+        let mut api = server.await.expect("mock server");
+        assert!(round.leader);
+        assert_eq!(round.material, stored);
+        drop(manager);
+        assert!(
+            api.as_mut().next_request().await.is_none(),
+            "nothing to write"
+        );
+    }
+}
+
+// ---- wsdrain_drains_total from the agents' Events, against the mock API --------------------
+
+mod drain_events {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use http::{Method, Request, Response};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+    use tokio_util::sync::CancellationToken;
+    use tower_test::mock;
+    use wsdrain::webhook::metrics::Metrics;
+
+    fn event(uid: &str, reason: &str, pod: &str, series: Option<i32>) -> Value {
+        let mut e = json!({
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": format!("{pod}.{uid}"), "namespace": "chat", "uid": uid, "resourceVersion": "1"},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": "chat", "name": pod},
+            "reason": reason, "type": "Normal", "action": "Drain",
+            "reportingComponent": "wsdrain.io/agent", "reportingInstance": pod,
+            "eventTime": "2026-01-01T00:00:00.000000Z",
+        });
+        if let Some(count) = series {
+            e["series"] =
+                json!({"count": count, "lastObservedTime": "2026-01-01T00:00:10.000000Z"});
+        }
+        e
+    }
+
+    fn counted(metrics: &Metrics, workload: &str, outcome: &str) -> Option<u64> {
+        let prefix = format!(
+            "wsdrain_drains_total{{namespace=\"chat\",workload=\"{workload}\",outcome=\"{outcome}\"}} "
+        );
+        metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str())?.parse().ok())
+    }
+
+    #[tokio::test]
+    async fn finished_drains_are_counted_by_workload_and_outcome_after_the_baseline() {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let mut handle = Box::pin(handle);
+        let client = kube::Client::new(service, "default");
+        let metrics = Arc::new(Metrics::new());
+        let stop = CancellationToken::new();
+        let counting = tokio::spawn(wsdrain::webhook::drains::count(
+            client,
+            metrics.clone(),
+            stop.clone(),
+        ));
+
+        // The initial list: cluster-wide, only the agents' Events. A baseline.
+        let (req, send) = handle.as_mut().next_request().await.expect("list");
+        assert_eq!(req.method(), Method::GET);
+        assert_eq!(req.uri().path(), "/api/v1/events");
+        assert_eq!(
+            req.uri().query(),
+            Some("&fieldSelector=reportingComponent%3Dwsdrain.io%2Fagent&limit=500")
+        );
+        let list = json!({"apiVersion": "v1", "kind": "EventList", "metadata": {"resourceVersion": "100"},
+                          "items": [event("old", "DrainCompleted", "ws-7d9f6c5b8d-x2x9z", None)]});
+        send.send_response(Response::new(Body::from(
+            serde_json::to_vec(&list).expect("json"),
+        )));
+
+        // The watch from there on.
+        let (req, send) = handle.as_mut().next_request().await.expect("watch");
+        assert_eq!(req.uri().path(), "/api/v1/events");
+        assert_eq!(
+            req.uri().query(),
+            Some(
+                "&watch=true&timeoutSeconds=290&fieldSelector=reportingComponent%3Dwsdrain.io%2Fagent\
+                 &allowWatchBookmarks=true&resourceVersion=100"
+            )
+        );
+        let lines: Vec<u8> = [
+            json!({"type": "ADDED", "object": event("a", "DrainCompleted", "ws-7d9f6c5b8d-x2x9z", None)}),
+            json!({"type": "ADDED", "object": event("b", "DrainCompleted", "ws-7d9f6c5b8d-b4n6q", None)}),
+            json!({"type": "ADDED", "object": event("c", "DrainStarted", "ws-7d9f6c5b8d-b4n6q", None)}),
+            json!({"type": "ADDED", "object": event("d", "DrainDeadlineExceeded", "db-0", Some(2))}),
+            json!({"type": "MODIFIED", "object": event("d", "DrainDeadlineExceeded", "db-0", Some(3))}),
+            json!({"type": "MODIFIED", "object": event("a", "DrainCompleted", "ws-7d9f6c5b8d-x2x9z", None)}),
+        ]
+        .iter()
+        .flat_map(|v| {
+            let mut line = serde_json::to_vec(v).expect("json");
+            line.push(b'\n');
+            line
+        })
+        .collect();
+        send.send_response(Response::new(Body::from(lines)));
+
+        let end = Instant::now() + Duration::from_secs(5);
+        while counted(&metrics, "db", "deadline_exceeded") != Some(3) {
+            assert!(
+                Instant::now() < end,
+                "not counted within 5 s:\n{}",
+                metrics.encode()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            counted(&metrics, "ws", "drained"),
+            Some(2),
+            "{}",
+            metrics.encode()
+        );
+        assert!(!metrics.encode().contains("outcome=\"started\""));
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), counting)
+            .await
+            .expect("stops")
+            .expect("task");
     }
 }

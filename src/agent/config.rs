@@ -10,6 +10,7 @@ use thiserror::Error;
 
 use crate::drain::hint::{HintError, HintTemplate};
 use crate::drain::settings::{DelayRange, Settings};
+use crate::proxy::{Route, Timeouts};
 use crate::units::{
     DurationRange, check_close_code, format_duration, parse_admin_url, parse_duration, parse_port,
     parse_range,
@@ -32,6 +33,10 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+fn parse_route(s: &str) -> Result<Route, String> {
+    s.parse()
+}
+
 /// A path; empty is allowed and means "off".
 fn parse_path(s: &str) -> Result<PathBuf, String> {
     Ok(PathBuf::from(s))
@@ -44,9 +49,25 @@ pub struct AgentArgs {
     #[arg(long, env = "WSDRAIN_LISTEN", default_value = "0.0.0.0:19901")]
     pub listen: SocketAddr,
 
-    /// The app's ports whose established TCP connections are counted (comma list).
-    #[arg(long, env = "WSDRAIN_PORTS", value_delimiter = ',', value_parser = parse_port, required = true)]
+    /// The app's ports whose established TCP connections are counted (comma list)
+    /// [default with --proxy: the proxy's listen ports].
+    #[arg(long, env = "WSDRAIN_PORTS", value_delimiter = ',', value_parser = parse_port)]
     pub ports: Vec<u16>,
+
+    /// Proxy mode: relay LISTEN to the app on UPSTREAM and close its WebSockets from the
+    /// proxy (docs/proxy.md). Repeatable; the env var takes a comma list.
+    #[arg(long, env = "WSDRAIN_PROXY", value_name = "LISTEN=UPSTREAM", value_delimiter = ',', value_parser = parse_route)]
+    pub proxy: Vec<Route>,
+
+    /// Proxy mode: longest wait for the end of the app's message in progress before the
+    /// drain's Close goes out (then it goes between two frames).
+    #[arg(long, env = "WSDRAIN_BOUNDARY_WAIT", default_value = "1s", value_parser = parse_duration)]
+    pub boundary_wait: Duration,
+
+    /// Proxy mode: a session's TCP connections are dropped this long after its close
+    /// sequence started, answered or not.
+    #[arg(long, env = "WSDRAIN_CLOSE_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    pub close_timeout: Duration,
 
     /// Count only sockets on this local address (labs running several pods on 127.0.0.N).
     #[arg(long, env = "WSDRAIN_ADDRESS")]
@@ -57,39 +78,39 @@ pub struct AgentArgs {
     pub admin_url: Option<String>,
 
     /// Per-call timeout for admin API requests.
-    #[arg(long, env = "WSDRAIN_ADMIN_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_ADMIN_TIMEOUT", default_value = "1s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub admin_timeout: Duration,
 
     /// The pod's terminationGracePeriodSeconds; sets the default drain timeout.
-    #[arg(long, env = "WSDRAIN_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub grace_period: Duration,
 
     /// Time left to the app between the end of the drain and SIGKILL.
-    #[arg(long, env = "WSDRAIN_APP_RESERVE", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_APP_RESERVE", default_value = "5s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub app_reserve: Duration,
 
     /// Bound of the whole drain [default: grace period - app reserve].
-    #[arg(long, env = "WSDRAIN_DRAIN_TIMEOUT", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_DRAIN_TIMEOUT", value_parser = parse_duration, allow_hyphen_values = true)]
     pub drain_timeout: Option<Duration>,
 
     /// Least time to wait for the ingress to stop sending new connections.
-    #[arg(long, env = "WSDRAIN_SETTLE_MIN", default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_SETTLE_MIN", default_value = "2s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub settle_min: Duration,
 
     /// Settling ends once no new connection arrived for this long.
-    #[arg(long, env = "WSDRAIN_SETTLE_QUIET", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_SETTLE_QUIET", default_value = "1s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub settle_quiet: Duration,
 
     /// Most time spent settling.
-    #[arg(long, env = "WSDRAIN_SETTLE_MAX", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_SETTLE_MAX", default_value = "15s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub settle_max: Duration,
 
     /// Interval between two close batches.
-    #[arg(long, env = "WSDRAIN_CLOSE_TICK", default_value = "100ms", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_CLOSE_TICK", default_value = "100ms", value_parser = parse_duration, allow_hyphen_values = true)]
     pub close_tick: Duration,
 
     /// Time over which closes are spread (shrunk to fit the deadline).
-    #[arg(long, env = "WSDRAIN_CLOSE_WINDOW", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_CLOSE_WINDOW", default_value = "10s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub close_window: Duration,
 
     /// WebSocket close code sent to clients: 1012, 1001 or 4000-4999.
@@ -97,7 +118,7 @@ pub struct AgentArgs {
     pub close_code: u16,
 
     /// Range of reconnect delays put into the hint, varied per batch (e.g. 0ms..2s).
-    #[arg(long, env = "WSDRAIN_RECONNECT_AFTER", default_value = "0ms..2s", value_parser = parse_range)]
+    #[arg(long, env = "WSDRAIN_RECONNECT_AFTER", default_value = "0ms..2s", value_parser = parse_range, allow_hyphen_values = true)]
     pub reconnect_after: DurationRange,
 
     /// Close reason template; {after_ms} is replaced by the reconnect delay. At most 123 bytes.
@@ -105,8 +126,12 @@ pub struct AgentArgs {
     pub hint_template: String,
 
     /// Interval between two connection counts.
-    #[arg(long, env = "WSDRAIN_POLL", default_value = "100ms", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_POLL", default_value = "100ms", value_parser = parse_duration, allow_hyphen_values = true)]
     pub poll: Duration,
+
+    /// Count only on the poll, without the kernel's socket destroy notifications.
+    #[arg(long, env = "WSDRAIN_POLL_ONLY")]
+    pub poll_only: bool,
 
     /// Token required in the X-Wsdrain-Token header of /prestop and /drain.
     #[arg(long, env = "WSDRAIN_TOKEN", hide_env_values = true)]
@@ -117,7 +142,7 @@ pub struct AgentArgs {
     pub trigger_from: Vec<IpAddr>,
 
     /// Time the agent stays up after a SIGTERM-ended drain so that hook answers get out.
-    #[arg(long, env = "WSDRAIN_LINGER", default_value = "250ms", value_parser = parse_duration)]
+    #[arg(long, env = "WSDRAIN_LINGER", default_value = "250ms", value_parser = parse_duration, allow_hyphen_values = true)]
     pub linger: Duration,
 
     /// Do not talk to the Kubernetes API even when POD_NAME/POD_NAMESPACE are set.
@@ -136,6 +161,11 @@ pub struct AgentArgs {
     #[arg(long, env = "WSDRAIN_READINESS_GATE")]
     pub readiness_gate: bool,
 
+    /// Directory for the drain marker (an emptyDir): a restarted agent resumes the drain
+    /// it finds there, with its original deadline ("" disables).
+    #[arg(long, env = "WSDRAIN_STATE_DIR", value_parser = parse_path)]
+    pub state_dir: Option<PathBuf>,
+
     /// Where the drain summary is written on exit ("" disables).
     #[arg(
         long,
@@ -144,14 +174,21 @@ pub struct AgentArgs {
         value_parser = parse_path
     )]
     pub termination_log: PathBuf,
+
+    #[command(flatten)]
+    pub fleet: crate::fleet::args::FleetArgs,
 }
 
 /// Checked agent settings. Built only by `AgentArgs::validate`.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub listen: SocketAddr,
+    /// Ports counted by sock_diag: `--ports` without the proxy's listen ports (those
+    /// are counted by the proxy's own session table).
     pub ports: Vec<u16>,
     pub address: Option<IpAddr>,
+    pub proxy: Vec<Route>,
+    pub proxy_timeouts: Timeouts,
     pub admin_url: Option<hyper::Uri>,
     pub admin_timeout: Duration,
     pub grace_period: Duration,
@@ -166,12 +203,19 @@ pub struct AgentConfig {
     pub reconnect_after: DurationRange,
     pub hint: HintTemplate,
     pub poll: Duration,
+    pub poll_only: bool,
     pub token: Option<String>,
     pub trigger_from: Vec<IpAddr>,
     pub linger: Duration,
     pub kube: Option<PodRef>,
     pub readiness_gate: bool,
     pub termination_log: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    /// Accepted but risky settings, logged loudly at start.
+    pub warnings: Vec<String>,
+    /// Peers, rebalancing and the fleet close budget; `None`: off.
+    pub fleet: Option<crate::fleet::FleetConfig>,
+    pub pod_ip: Option<IpAddr>,
 }
 
 const MAX_TOKEN_LEN: usize = 256;
@@ -199,11 +243,39 @@ impl AgentConfig {
 impl AgentArgs {
     pub fn validate(self) -> Result<AgentConfig, ConfigError> {
         let mut ports = self.ports;
-        if ports.is_empty() {
-            return Err(invalid("--ports", "at least one app port is required"));
+        if ports.is_empty() && self.proxy.is_empty() {
+            return Err(invalid(
+                "--ports",
+                "at least one app port is required (or --proxy LISTEN=UPSTREAM)",
+            ));
         }
+        let proxied: Vec<u16> = self.proxy.iter().map(|r| r.listen.port()).collect();
+        if let Some(dup) = proxied
+            .iter()
+            .enumerate()
+            .find_map(|(i, p)| proxied[..i].contains(p).then_some(*p))
+        {
+            return Err(invalid("--proxy", format!("listen port {dup} given twice")));
+        }
+        if self.proxy.iter().any(|r| r.listen.port() == 0) {
+            return Err(invalid("--proxy", "LISTEN needs a port"));
+        }
+        ports.retain(|p| !proxied.contains(p));
         ports.sort_unstable();
         ports.dedup();
+        if self.close_timeout.is_zero() {
+            return Err(invalid("--close-timeout", "must be more than 0"));
+        }
+        if self.boundary_wait >= self.close_timeout {
+            return Err(invalid(
+                "--boundary-wait",
+                format!(
+                    "{} must be shorter than --close-timeout {}",
+                    format_duration(self.boundary_wait),
+                    format_duration(self.close_timeout)
+                ),
+            ));
+        }
 
         let admin_url = match self.admin_url.as_deref().map(str::trim) {
             None | Some("") => None,
@@ -254,8 +326,21 @@ impl AgentArgs {
         // The longest value must still fit in a close frame.
         hint.render(self.reconnect_after.max.as_millis() as u64)?;
 
+        let mut warnings = Vec::new();
+        if let Some(url) = &admin_url
+            && !is_loopback_host(url)
+        {
+            warnings.push(format!(
+                "--admin-url {url} is not a loopback address: the admin API closes sessions and should listen on 127.0.0.1 or ::1 only"
+            ));
+        }
         let token = match self.token {
-            Some(t) if t.is_empty() => None,
+            Some(t) if t.is_empty() => {
+                warnings.push(
+                    "--token is empty: authentication is OFF, anyone who reaches the agent can call /prestop and /drain and take the pod out of rotation".to_owned(),
+                );
+                None
+            }
             Some(t) if t.len() > MAX_TOKEN_LEN || !t.bytes().all(|b| b.is_ascii_graphic()) => {
                 return Err(invalid(
                     "--token",
@@ -271,11 +356,18 @@ impl AgentArgs {
             _ => None,
         };
         let termination_log = Some(self.termination_log).filter(|p| !p.as_os_str().is_empty());
+        let fleet = self.fleet.validate()?;
 
         Ok(AgentConfig {
             listen: self.listen,
             ports,
             address: self.address,
+            proxy: self.proxy,
+            proxy_timeouts: Timeouts {
+                boundary_wait: self.boundary_wait,
+                close_timeout: self.close_timeout,
+                ..Timeouts::default()
+            },
             admin_url,
             admin_timeout: self.admin_timeout,
             grace_period: self.grace_period,
@@ -290,14 +382,29 @@ impl AgentArgs {
             reconnect_after: self.reconnect_after,
             hint,
             poll: self.poll,
+            poll_only: self.poll_only,
             token,
             trigger_from: self.trigger_from,
             linger: self.linger,
             kube,
             readiness_gate: self.readiness_gate,
             termination_log,
+            state_dir: self.state_dir.filter(|p| !p.as_os_str().is_empty()),
+            warnings,
+            fleet,
+            pod_ip: self.fleet.pod_ip,
         })
     }
+}
+
+/// `localhost`, 127.0.0.0/8, `::1` (and its IPv4-mapped form).
+fn is_loopback_host(url: &hyper::Uri) -> bool {
+    let host = url.host().unwrap_or("");
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 #[cfg(test)]
@@ -344,7 +451,11 @@ mod tests {
                 .unwrap_err()
                 .contains("not a port")
         );
-        assert!(parse(&["--ports", "0"]).unwrap_err().contains("port 0"));
+        assert!(
+            parse(&["--ports", "0"])
+                .unwrap_err()
+                .contains("0 is not allowed")
+        );
         assert!(parse(&[]).is_err());
     }
 
@@ -363,6 +474,101 @@ mod tests {
             (&["--ports", "1", "--hint-template", "x"], "--hint-template"),
             (&["--ports", "1", "--token", "a b"], "--token"),
             (&["--ports", "1", "--close-tick", "10x"], "--close-tick"),
+        ];
+        for (args, field) in cases {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(field), "{args:?}: {err}");
+        }
+    }
+
+    /// Issue 12 item 10: a negative duration reaches the parser, so the error names the
+    /// flag instead of "unexpected argument '-5'".
+    #[test]
+    fn negative_durations_name_the_flag() {
+        let err = parse(&["--ports", "1", "--drain-timeout", "-5s"]).unwrap_err();
+        assert!(err.contains("--drain-timeout"), "{err}");
+        assert!(err.contains("negative"), "{err}");
+        let err = parse(&["--ports", "1", "--reconnect-after", "-1s..2s"]).unwrap_err();
+        assert!(err.contains("--reconnect-after"), "{err}");
+    }
+
+    #[test]
+    fn empty_token_and_remote_admin_warn() {
+        let c = parse(&["--ports", "1", "--token", ""]).unwrap();
+        assert!(c.token.is_none());
+        assert!(
+            c.warnings.iter().any(|w| w.contains("--token is empty")),
+            "{:?}",
+            c.warnings
+        );
+        let c = parse(&["--ports", "1", "--admin-url", "http://10.0.0.5:8081"]).unwrap();
+        assert!(c.warnings.iter().any(|w| w.contains("not a loopback")));
+        for local in [
+            "http://127.0.0.1:8081",
+            "http://localhost:8081",
+            "http://[::1]:8081",
+        ] {
+            let c = parse(&["--ports", "1", "--admin-url", local, "--token", "t"]).unwrap();
+            assert!(c.warnings.is_empty(), "{local}: {:?}", c.warnings);
+        }
+    }
+
+    #[test]
+    fn messages_do_not_repeat_themselves() {
+        let err = parse(&["--ports", "1", "--admin-url", "http://"]).unwrap_err();
+        assert!(err.contains("no host"), "{err}");
+        assert!(!err.contains("must start with http://"), "{err}");
+        let err = parse(&["--ports", "0"]).unwrap_err();
+        assert!(!err.contains("port 0 is not a port"), "{err}");
+    }
+
+    #[test]
+    fn proxy_routes_take_over_their_ports() {
+        let c = parse(&["--proxy", "0.0.0.0:8080=127.0.0.1:8081"]).unwrap();
+        assert_eq!(c.proxy.len(), 1);
+        assert!(c.ports.is_empty(), "the proxy's table counts 8080");
+        assert_eq!(c.proxy_timeouts.boundary_wait, Duration::from_secs(1));
+        assert_eq!(c.proxy_timeouts.close_timeout, Duration::from_secs(3));
+        let c = parse(&[
+            "--proxy",
+            "0.0.0.0:8080=127.0.0.1:8081",
+            "--proxy",
+            "0.0.0.0:9090=127.0.0.1:9091",
+            "--ports",
+            "8080,7000",
+            "--boundary-wait",
+            "250ms",
+        ])
+        .unwrap();
+        assert_eq!(c.proxy.len(), 2);
+        assert_eq!(
+            c.ports,
+            vec![7000],
+            "only non-proxied ports go to sock_diag"
+        );
+        assert_eq!(c.proxy_timeouts.boundary_wait, Duration::from_millis(250));
+        let cases: &[(&[&str], &str)] = &[
+            (&["--proxy", "8080=127.0.0.1:8081"], "--proxy"),
+            (&["--proxy", "0.0.0.0:8080"], "--proxy"),
+            (
+                &[
+                    "--proxy",
+                    "0.0.0.0:8080=127.0.0.1:1,0.0.0.0:8080=127.0.0.1:2",
+                ],
+                "--proxy",
+            ),
+            (
+                &["--proxy", "0.0.0.0:1=127.0.0.1:2", "--close-timeout", "0"],
+                "--close-timeout",
+            ),
+            (
+                &["--proxy", "0.0.0.0:1=127.0.0.1:2", "--boundary-wait", "5s"],
+                "--boundary-wait",
+            ),
+            (
+                &["--proxy", "0.0.0.0:1=127.0.0.1:2", "--boundary-wait", "x"],
+                "--boundary-wait",
+            ),
         ];
         for (args, field) in cases {
             let err = parse(args).unwrap_err();

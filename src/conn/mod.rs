@@ -5,11 +5,16 @@
 //! it needs no privilege. `/proc/net/tcp{,6}` is the fallback when netlink is not
 //! available (e.g. a seccomp profile that blocks it).
 
+pub mod destroyed;
 pub mod procfs;
 pub mod sockdiag;
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
 
 use thiserror::Error;
 
@@ -55,29 +60,75 @@ pub struct Counter {
     inner: Inner,
 }
 
+/// Least time between two counts started by destroy notifications: a burst of closes
+/// becomes a few counts, while a lone close is counted at once.
+pub const MIN_RECOUNT: Duration = Duration::from_millis(5);
+
 /// The drain's session counter over sockets: one snapshot at a time, the blocking
 /// netlink or /proc read done off the async threads. Ids are sock_diag cookies or /proc
 /// inodes (a new id is a new connection).
+///
+/// With destroy notifications (`event_driven`), `changed()` resolves when a socket on
+/// the app ports was destroyed after the last snapshot began, so the drain counts again
+/// at once instead of on its next poll.
 #[derive(Clone)]
 pub struct SocketCounter {
     inner: Arc<Mutex<Counter>>,
+    /// Generation of destroy notifications; `None` = poll only.
+    destroyed: Option<watch::Receiver<u64>>,
+    /// The generation seen when the last snapshot began.
+    counted: Arc<AtomicU64>,
+    /// When the last snapshot began.
+    last_count: Arc<Mutex<tokio::time::Instant>>,
 }
 
 impl SocketCounter {
+    /// Counts on the drain's poll only.
     pub fn new(counter: Counter) -> Self {
         Self {
             inner: Arc::new(Mutex::new(counter)),
+            destroyed: None,
+            counted: Arc::new(AtomicU64::new(0)),
+            last_count: Arc::new(Mutex::new(tokio::time::Instant::now())),
         }
+    }
+
+    /// Also counts when the kernel reports a destroyed socket on the app ports. Falls
+    /// back to the poll (with a log line) when the subscription is refused. Needs a tokio
+    /// runtime.
+    pub fn event_driven(counter: Counter) -> Self {
+        let filter = counter.filter().clone();
+        let mut me = Self::new(counter);
+        match destroyed::spawn(filter) {
+            Ok(rx) => {
+                tracing::info!("counting on socket destroy notifications, and on the poll");
+                me.destroyed = Some(rx);
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "socket destroy notifications unavailable; counting on the poll only");
+            }
+        }
+        me
+    }
+
+    /// Whether destroy notifications drive counts.
+    pub fn is_event_driven(&self) -> bool {
+        self.destroyed.is_some()
     }
 }
 
 impl SessionCounter for SocketCounter {
     fn snapshot(&self) -> BoxFuture<'_, Result<Snapshot, CountError>> {
         let inner = self.inner.clone();
+        if let Some(rx) = &self.destroyed {
+            // Notifications from here on may not be in this snapshot: they count as new.
+            self.counted.store(*rx.borrow(), Ordering::SeqCst);
+        }
+        *lock(&self.last_count) = tokio::time::Instant::now();
         Box::pin(async move {
             let counted = tokio::task::spawn_blocking(move || {
                 // A poisoned lock only means a panicked count; the counter itself is fine.
-                let mut c = inner.lock().unwrap_or_else(|p| p.into_inner());
+                let mut c = lock(&inner);
                 c.snapshot()
             })
             .await;
@@ -88,6 +139,25 @@ impl SessionCounter for SocketCounter {
             }
         })
     }
+
+    fn changed(&self) -> BoxFuture<'_, ()> {
+        let Some(mut rx) = self.destroyed.clone() else {
+            return Box::pin(std::future::pending());
+        };
+        let since = self.counted.load(Ordering::SeqCst);
+        Box::pin(async move {
+            if rx.wait_for(|g| *g != since).await.is_err() {
+                // The watcher ended (its socket failed): the poll carries on alone.
+                std::future::pending::<()>().await;
+            }
+            let earliest = *lock(&self.last_count) + MIN_RECOUNT;
+            tokio::time::sleep_until(earliest).await;
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Counter {
@@ -132,5 +202,64 @@ impl Counter {
             }
         }
         procfs::snapshot(&self.filter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A socket on the app port destroyed after a snapshot wakes `changed()` without
+    /// waiting for a poll; sockets on other ports do not.
+    #[tokio::test]
+    async fn destroy_notifications_wake_the_counter() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let app = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let other = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let port = app.local_addr().unwrap().port();
+        let client = tokio::net::TcpStream::connect((ip, port)).await.unwrap();
+        let (server, _) = app.accept().await.unwrap();
+        let o_client = tokio::net::TcpStream::connect(other.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (o_server, _) = other.accept().await.unwrap();
+
+        let filter = Filter {
+            ports: vec![port],
+            address: Some(ip),
+        };
+        let counter = SocketCounter::event_driven(Counter::new(filter));
+        assert!(
+            counter.is_event_driven(),
+            "sock_diag destroy groups must be joinable unprivileged"
+        );
+        assert_eq!(counter.snapshot().await.unwrap().ids.len(), 1);
+
+        // Another port's socket going away is not a change of our count.
+        let changed = counter.changed();
+        drop((o_client, o_server));
+        let woke = tokio::time::timeout(Duration::from_millis(300), changed).await;
+        assert!(woke.is_err(), "woken by a socket on another port");
+
+        let changed = counter.changed();
+        drop((client, server));
+        tokio::time::timeout(Duration::from_secs(2), changed)
+            .await
+            .expect("no wake-up after the app socket was destroyed");
+        assert_eq!(counter.snapshot().await.unwrap().ids.len(), 0);
+    }
+
+    /// Poll-only counters never wake on their own.
+    #[tokio::test]
+    async fn poll_only_counter_never_wakes() {
+        let filter = Filter {
+            ports: vec![1],
+            address: None,
+        };
+        let counter = SocketCounter::new(Counter::new(filter));
+        assert!(!counter.is_event_driven());
+        let woke = tokio::time::timeout(Duration::from_millis(50), counter.changed()).await;
+        assert!(woke.is_err());
     }
 }

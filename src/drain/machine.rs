@@ -102,6 +102,10 @@ struct Closing {
     failures_in_row: u32,
     /// The close rate in force, unless the deadline overrides it.
     rate: Option<f64>,
+    /// The window the hint grows over, fixed at the first batch: re-fitting the window
+    /// later (a close rate, a node too busy to keep the tick) must not make the hint
+    /// fall back or jump, which would bunch the reconnects.
+    hint_window: Option<Duration>,
 }
 
 /// One drain, from its trigger on.
@@ -119,6 +123,10 @@ struct Run {
     sessions_closed: u64,
     close_failures: u64,
     rate_yielded: bool,
+    /// Closes requested that no departure has used up yet (see `observe`).
+    close_credit: u64,
+    /// Connections that went away without a close requested for them.
+    vanished: u64,
     summary: Option<Summary>,
 }
 
@@ -158,6 +166,8 @@ pub struct Status {
     pub closes_requested: u64,
     pub sessions_closed: u64,
     pub admin_failures: u64,
+    /// Connections that went away without a close requested for them (see `observe`).
+    pub vanished: u64,
     pub settle_ms: Option<u64>,
     pub close_rate: Option<f64>,
     /// The fleet close budget could not finish before the deadline and was exceeded.
@@ -225,12 +235,22 @@ impl Timeline {
             sessions_closed: 0,
             close_failures: 0,
             rate_yielded: false,
+            close_credit: 0,
+            vanished: 0,
             summary: None,
         });
         self.phase = Phase::Settling;
         self.count = None;
         self.last_new = Some(now);
         true
+    }
+
+    /// Event: a drain that began at `started_at` before this timeline existed (an agent
+    /// restarted mid-drain) resumes now. The pod is unready at once and the deadline
+    /// counts from `started_at`, not from now, so a restart never grants a fresh budget;
+    /// settling that already lasted long enough is over. Returns false if a drain runs.
+    pub fn resume(&mut self, now: Instant, trigger: Trigger, started_at: Instant) -> bool {
+        self.trigger(started_at.min(now), trigger)
     }
 
     /// Event: the pod is being deleted and the kubelet sends SIGKILL at `kill_at`. Starts
@@ -253,14 +273,34 @@ impl Timeline {
     }
 
     /// Event: a snapshot of the live connection (or session) ids taken at `now`.
+    ///
+    /// With a closer, every connection that left must be explained by a close request:
+    /// each requested close is a credit that one departure uses up. Departures beyond
+    /// the credit, and every departure while the closer is failing, *vanished*: the app
+    /// died, the network reset them, or clients left on their own. Without a closer every
+    /// departure is a client leaving, which is the drain working.
     pub fn observe(&mut self, now: Instant, ids: &[u64]) {
         let current: HashSet<u64> = ids.iter().copied().collect();
         let n = current.len() as u64;
+        let can_close = self.can_close;
         if let Some(run) = self.run.as_mut() {
             if run.connections_at_start.is_none() {
                 run.connections_at_start = Some(n);
-            } else if current.iter().any(|id| !self.seen.contains(id)) {
-                self.last_new = Some(now);
+            } else {
+                if current.iter().any(|id| !self.seen.contains(id)) {
+                    self.last_new = Some(now);
+                }
+                let left = self.seen.iter().filter(|id| !current.contains(id)).count() as u64;
+                if can_close && left > 0 {
+                    let failing = run.closing.as_ref().is_some_and(|c| c.failures_in_row > 0);
+                    let explained = if failing {
+                        0
+                    } else {
+                        left.min(run.close_credit)
+                    };
+                    run.close_credit -= explained;
+                    run.vanished = run.vanished.saturating_add(left - explained);
+                }
             }
         }
         self.count = Some(n);
@@ -289,6 +329,8 @@ impl Timeline {
                 }
             }
             None => {
+                // A failed request closed nothing: its credit is void.
+                run.close_credit = run.close_credit.saturating_sub(c.asked);
                 run.close_failures += 1;
                 c.failures_in_row = c.failures_in_row.saturating_add(1);
                 let backoff = tick
@@ -412,6 +454,7 @@ impl Timeline {
                 in_flight: false,
                 failures_in_row: 0,
                 rate: None,
+                hint_window: None,
             });
         }
         self.replan(now);
@@ -454,10 +497,13 @@ impl Timeline {
             c.window_end.saturating_duration_since(now),
             tick,
         );
+        let hint_window = *c
+            .hint_window
+            .get_or_insert(c.window_end.saturating_duration_since(c.window_start));
         let after = pacing::hint_delay(
             range,
             now.saturating_duration_since(c.window_start),
-            c.window_end.saturating_duration_since(c.window_start),
+            hint_window,
         );
         c.batches += 1;
         c.in_flight = true;
@@ -470,6 +516,7 @@ impl Timeline {
             .unwrap_or_default();
         c.next_tick = now + tick.max(spacing);
         run.closes_requested = run.closes_requested.saturating_add(max);
+        run.close_credit = run.close_credit.saturating_add(max);
         Some(Action::Close {
             max,
             after_ms: ms(after),
@@ -511,6 +558,7 @@ impl Timeline {
             closes_requested: run.closes_requested,
             sessions_closed: run.sessions_closed,
             admin_failures: run.close_failures,
+            vanished: run.vanished,
             settle_ms: ms(settle_end.saturating_duration_since(run.started)),
             close_ms: close_start
                 .map(|s| ms(close_end.saturating_duration_since(s)))
@@ -537,6 +585,7 @@ impl Timeline {
             closes_requested: run.map_or(0, |r| r.closes_requested),
             sessions_closed: run.map_or(0, |r| r.sessions_closed),
             admin_failures: run.map_or(0, |r| r.close_failures),
+            vanished: run.map_or(0, |r| r.vanished),
             settle_ms: run.and_then(|r| {
                 r.settle_end
                     .map(|e| ms(e.saturating_duration_since(r.started)))

@@ -57,6 +57,9 @@ enum App {
     FailsFirst(u32),
     /// Closes sessions but clients ignore the close frame: sockets stay.
     ClientsIgnoreClose,
+    /// Cooperates until it is killed at this time: every socket is reset at once, and
+    /// its admin endpoint refuses from then on.
+    DiesAt(Duration),
 }
 
 struct Pod {
@@ -113,6 +116,13 @@ impl Pod {
             self.sockets.clear();
             self.sessions = 0;
         }
+        if let App::DiesAt(at) = self.app
+            && self.at() >= at
+        {
+            self.sockets.clear();
+            self.sessions = 0;
+            self.app = App::Failing;
+        }
     }
 
     fn close(&mut self, max: u64) -> Option<CloseReply> {
@@ -122,7 +132,7 @@ impl Pod {
                 self.app = App::FailsFirst(n - 1);
                 None
             }
-            App::FailsFirst(_) | App::Cooperative | App::ClientsIgnoreClose => {
+            App::FailsFirst(_) | App::Cooperative | App::ClientsIgnoreClose | App::DiesAt(_) => {
                 let n = max.min(self.sessions);
                 self.sessions -= n;
                 if self.app != App::ClientsIgnoreClose {
@@ -507,4 +517,102 @@ fn status_reports_progress() {
     assert_eq!(st.state, Phase::Closing);
     assert_eq!(st.sessions, Some(39));
     assert_eq!(st.closes_requested, 1);
+}
+
+/// Issue 12 item 8: an agent restarted 20 s into a 25 s drain resumes it with 5 s left,
+/// already past settling, instead of starting over with a fresh budget.
+#[test]
+fn a_resumed_drain_keeps_its_original_deadline() {
+    let t0 = Instant::now();
+    let now = t0 + secs(20.0);
+    let mut d = Timeline::new(settings(), true);
+    assert!(d.resume(now, Trigger::Prestop, t0));
+    assert!(d.is_draining(), "unready at once");
+    assert_eq!(d.deadline(), Some(t0 + secs(25.0)));
+    assert_eq!(d.status(now).deadline_in_ms, Some(5_000));
+    d.observe(now, &[1, 2, 3]);
+    // Settling ran out before the restart: closing starts at once.
+    assert!(matches!(d.next(now), Action::Close { .. }));
+    assert_eq!(d.phase(), Phase::Closing);
+    // A second trigger joins the resumed drain.
+    assert!(!d.trigger(now, Trigger::Signal));
+}
+
+#[test]
+fn a_resumed_drain_past_its_deadline_ends_at_once() {
+    let t0 = Instant::now();
+    let now = t0 + secs(40.0);
+    let mut d = Timeline::new(settings(), true);
+    assert!(d.resume(now, Trigger::Signal, t0));
+    d.observe(now, &[1]);
+    match d.next(now) {
+        Action::Finished(s) => {
+            assert_eq!(s.outcome, Outcome::DeadlineExceeded);
+            assert_eq!(s.budget_ms, 25_000);
+            assert_eq!(s.remaining, 1);
+        }
+        other => panic!("expected the end, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_resume_time_in_the_future_counts_from_now() {
+    let now = Instant::now();
+    let mut d = Timeline::new(settings(), true);
+    assert!(d.resume(now, Trigger::Prestop, now + secs(100.0)));
+    assert_eq!(d.deadline(), Some(now + secs(25.0)));
+}
+
+/// The deletion time still wins over the resumed timeout when it is earlier.
+#[test]
+fn a_resumed_drain_still_takes_a_shorter_deletion_deadline() {
+    let t0 = Instant::now();
+    let now = t0 + secs(3.0);
+    let mut d = Timeline::new(settings(), true);
+    assert!(d.resume(now, Trigger::Prestop, t0));
+    assert!(!d.pod_deleting(now, t0 + secs(12.0)));
+    assert_eq!(d.deadline(), Some(t0 + secs(7.0)));
+}
+
+/// Issue 12 item 9: the app is killed 4 s into the drain; its clients' sockets are
+/// reset and the admin endpoint refuses. The count reaches zero, but the summary must
+/// not pass that off as a clean drain.
+#[test]
+fn an_app_killed_mid_drain_is_not_a_clean_drain() {
+    let mut pod = Pod::new(200, App::DiesAt(secs(4.0)));
+    let (s, _) = pod.run(timings(true), secs(25.0));
+    assert_eq!(s.outcome, Outcome::Drained, "the count did reach zero");
+    assert!(s.sessions_closed > 0 && s.sessions_closed < 200);
+    assert_eq!(
+        s.vanished,
+        200 - s.sessions_closed,
+        "every connection the app did not close vanished"
+    );
+}
+
+#[test]
+fn a_cooperative_drain_has_nothing_vanished() {
+    let mut pod = Pod::new(500, App::Cooperative);
+    let (s, _) = pod.run(timings(true), secs(25.0));
+    assert_eq!(s.outcome, Outcome::Drained);
+    assert_eq!(s.vanished, 0);
+}
+
+#[test]
+fn departures_while_the_closer_fails_vanished() {
+    let mut pod = Pod::new(50, App::Failing);
+    pod.leave_at = Some(secs(5.0));
+    let (s, _) = pod.run(timings(true), secs(25.0));
+    assert_eq!(s.outcome, Outcome::Drained);
+    assert_eq!(s.vanished, 50);
+}
+
+/// Without a closer, clients leaving is the drain working: nothing is vanished.
+#[test]
+fn without_a_closer_departures_are_the_drain() {
+    let mut pod = Pod::new(50, App::Cooperative);
+    pod.leave_at = Some(secs(5.0));
+    let (s, _) = pod.run(timings(false), secs(25.0));
+    assert_eq!(s.outcome, Outcome::Drained);
+    assert_eq!(s.vanished, 0);
 }

@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 /// What started the drain. Later triggers join the running drain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Trigger {
     /// `GET|POST /prestop` (the kubelet's httpGet hook or `wsdrain prestop`).
@@ -42,6 +42,10 @@ pub struct Summary {
     /// Sum of `closed` the app reported.
     pub sessions_closed: u64,
     pub admin_failures: u64,
+    /// Connections that went away without a close requested for them, or while the
+    /// closer was failing: an app that died, resets, clients leaving on their own.
+    /// Their clients most likely saw 1006, not the close code.
+    pub vanished: u64,
     pub settle_ms: u64,
     pub close_ms: u64,
 }

@@ -164,6 +164,15 @@ impl Drainer {
         }
     }
 
+    /// Resumes a drain that began at `started_at`, before this agent started (a restart
+    /// mid-drain): unready at once, with the deadline counted from `started_at`.
+    pub fn resume(&self, trigger: Trigger, started_at: Instant) {
+        let started = self.timeline().resume(now(), trigger, started_at);
+        if started {
+            self.spawn_run();
+        }
+    }
+
     /// Starts the drain in the background unless one is running. Returns at once and
     /// does no I/O, so a caller that goes away (an HTTP client hanging up) cannot leave
     /// the pod unready with no drain behind it.
@@ -320,6 +329,13 @@ impl Drainer {
         self.shared.parts.observer.phase(phase);
         self.shared.parts.observer.finished(&summary);
         match summary.outcome {
+            Outcome::Drained if summary.vanished > 0 => tracing::warn!(
+                duration_ms = summary.duration_ms,
+                sessions_closed = summary.sessions_closed,
+                connections_at_start = summary.connections_at_start,
+                vanished = summary.vanished,
+                "drain finished: Drained, but connections vanished without a close (app died, resets, or clients leaving)"
+            ),
             Outcome::Drained => tracing::info!(
                 duration_ms = summary.duration_ms,
                 sessions_closed = summary.sessions_closed,
@@ -329,6 +345,7 @@ impl Drainer {
             Outcome::DeadlineExceeded => tracing::warn!(
                 duration_ms = summary.duration_ms,
                 remaining = summary.remaining,
+                vanished = summary.vanished,
                 "drain finished: DeadlineExceeded"
             ),
         }
@@ -354,6 +371,7 @@ fn unreachable_summary(trigger: Trigger) -> Summary {
         closes_requested: 0,
         sessions_closed: 0,
         admin_failures: 0,
+        vanished: 0,
         settle_ms: 0,
         close_ms: 0,
     }

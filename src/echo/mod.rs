@@ -42,6 +42,9 @@ pub struct EchoArgs {
     /// Admin API v1 address; must be a loopback address.
     #[arg(long, env = "ECHO_ADMIN", default_value = "127.0.0.1:8081")]
     pub admin: SocketAddr,
+    /// Serve no admin API at all, like most apps (proxy mode drains those).
+    #[arg(long, env = "ECHO_NO_ADMIN")]
+    pub no_admin: bool,
     /// How long a drained session waits for the client's close frame before the TCP
     /// connection is dropped.
     #[arg(long, env = "ECHO_CLOSE_TIMEOUT", default_value = "3s", value_parser = crate::units::parse_duration)]
@@ -82,9 +85,15 @@ pub async fn run(args: EchoArgs) -> anyhow::Result<ExitCode> {
     let public = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on --listen {}", args.listen))?;
-    let admin = TcpListener::bind(args.admin)
-        .await
-        .with_context(|| format!("cannot listen on --admin {}", args.admin))?;
+    let admin = if args.no_admin {
+        None
+    } else {
+        Some(
+            TcpListener::bind(args.admin)
+                .await
+                .with_context(|| format!("cannot listen on --admin {}", args.admin))?,
+        )
+    };
 
     let app = Arc::new(App {
         sessions: Sessions::default(),
@@ -96,13 +105,19 @@ pub async fn run(args: EchoArgs) -> anyhow::Result<ExitCode> {
             .max_message_size(Some(args.max_message))
             .max_frame_size(Some(args.max_message)),
     });
-    tracing::info!(listen = %args.listen, admin = %args.admin, "echo app listening");
+    let admin_addr = admin.as_ref().map(|_| args.admin.to_string());
+    tracing::info!(listen = %args.listen, admin = admin_addr, "echo app listening");
 
     let termination =
         crate::signals::Termination::install().context("cannot install signal handlers")?;
     let signal = tokio::select! {
         _ = accept_loop(public, app.clone(), serve_public) => "accept loop ended",
-        _ = accept_loop(admin, app.clone(), serve_admin) => "accept loop ended",
+        _ = async {
+            match admin {
+                Some(admin) => accept_loop(admin, app.clone(), serve_admin).await,
+                None => std::future::pending().await,
+            }
+        } => "accept loop ended",
         sig = termination.first() => crate::signals::name(sig),
     };
     // Deliberately no graceful close: returning drops every socket without a close frame,

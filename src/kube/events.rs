@@ -27,6 +27,17 @@ pub fn event_for(notice: &Notice) -> Event {
             ),
         ),
         Notice::Finished(s) => match s.outcome {
+            Outcome::Drained if s.vanished > 0 => (
+                EventType::Warning,
+                "ConnectionsVanished",
+                format!(
+                    "Connections reached zero in {}, but {} of {} vanished without a close (the app died or they were reset; their clients saw no close frame); {} sessions closed",
+                    secs(s.duration_ms),
+                    s.vanished,
+                    s.connections_at_start,
+                    s.sessions_closed
+                ),
+            ),
             Outcome::Drained => (
                 EventType::Normal,
                 "DrainCompleted",
@@ -41,11 +52,12 @@ pub fn event_for(notice: &Notice) -> Event {
                 EventType::Warning,
                 "DrainDeadlineExceeded",
                 format!(
-                    "Deadline passed after {} with {} connections remaining ({} at start, {} sessions closed)",
+                    "Deadline passed after {} with {} connections remaining ({} at start, {} sessions closed, {} vanished without a close)",
                     secs(s.duration_ms),
                     s.remaining,
                     s.connections_at_start,
-                    s.sessions_closed
+                    s.sessions_closed,
+                    s.vanished
                 ),
             ),
         },

@@ -23,7 +23,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, WatchEvent, WatchParams};
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::{Event, Recorder, Reporter};
 use thiserror::Error;
 
 pub use events::{ACTION, event_for};
@@ -132,6 +132,11 @@ impl PodLink {
     pub fn with_call_timeout(mut self, timeout: Duration) -> PodLink {
         self.call_timeout = timeout;
         self
+    }
+
+    /// The API client (the fleet's EndpointSlice watch shares it).
+    pub fn client(&self) -> Client {
+        self.pods.clone().into_client()
     }
 
     pub fn pod(&self) -> &PodRef {
@@ -273,17 +278,18 @@ impl PodLink {
     /// Publishes the Event for a drain notice on the own pod. The first Event may cost one
     /// extra bounded call (reading the pod's uid) unless `deletion_time` ran before.
     pub async fn publish(&self, notice: &Notice) {
-        let event = event_for(notice);
+        self.publish_event(&event_for(notice)).await;
+    }
+
+    /// Publishes an Event on the own pod (drain notices, the fleet's `Rebalanced`).
+    pub async fn publish_event(&self, event: &Event) {
         if self.uid.get().is_none() && !self.uid_lookup_tried.swap(true, Ordering::Relaxed) {
             // Without the uid the Event exists but `kubectl describe pod` won't list it.
             self.deletion_time().await;
         }
         let reference = self.object_ref();
-        self.call(
-            Call::PublishEvent,
-            self.recorder.publish(&event, &reference),
-        )
-        .await;
+        self.call(Call::PublishEvent, self.recorder.publish(event, &reference))
+            .await;
     }
 
     fn object_ref(&self) -> ObjectReference {

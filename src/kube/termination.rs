@@ -26,6 +26,11 @@ pub(crate) fn trigger_name(t: Trigger) -> &'static str {
 /// The one-line drain summary (no newline), at most `MAX_TERMINATION_MESSAGE - 1` bytes.
 pub fn termination_message(s: &Summary) -> String {
     let head = match s.outcome {
+        Outcome::Drained if s.vanished > 0 => format!(
+            "wsdrain: connections gone in {} but {} vanished without a close (app died or reset)",
+            secs(s.duration_ms),
+            s.vanished
+        ),
         Outcome::Drained => format!("wsdrain: drained in {}", secs(s.duration_ms)),
         Outcome::DeadlineExceeded => format!(
             "wsdrain: deadline exceeded after {} with {} connections remaining",
@@ -34,13 +39,14 @@ pub fn termination_message(s: &Summary) -> String {
         ),
     };
     let line = format!(
-        "{head} (budget {}, started by {}): {} connections at start, {} sessions closed of {} requested, {} admin failures, settle {}, close {}",
+        "{head} (budget {}, started by {}): {} connections at start, {} sessions closed of {} requested, {} admin failures, {} vanished, settle {}, close {}",
         secs(s.budget_ms),
         trigger_name(s.trigger),
         s.connections_at_start,
         s.sessions_closed,
         s.closes_requested,
         s.admin_failures,
+        s.vanished,
         secs(s.settle_ms),
         secs(s.close_ms),
     );
@@ -81,6 +87,30 @@ mod tests {
     fn truncates_on_char_boundary() {
         assert_eq!(truncate("héllo".into(), 2), "h");
         assert_eq!(truncate("abc".into(), 5), "abc");
+    }
+
+    #[test]
+    fn vanished_connections_are_not_a_clean_drain() {
+        let s = Summary {
+            outcome: Outcome::Drained,
+            trigger: Trigger::Prestop,
+            duration_ms: 4_000,
+            budget_ms: 25_000,
+            connections_at_start: 200,
+            remaining: 0,
+            closes_requested: 70,
+            sessions_closed: 70,
+            admin_failures: 3,
+            vanished: 130,
+            settle_ms: 2_000,
+            close_ms: 2_000,
+        };
+        let line = termination_message(&s);
+        assert!(line.contains("130 vanished without a close"), "{line}");
+        assert!(!line.contains("drained in"), "{line}");
+        let event = super::super::event_for(&crate::drain::Notice::Finished(s));
+        assert_eq!(event.reason, "ConnectionsVanished");
+        assert_eq!(event.type_, kube::runtime::events::EventType::Warning);
     }
 
     #[test]

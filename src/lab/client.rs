@@ -77,11 +77,18 @@ pub struct Load {
     stop: watch::Sender<bool>,
     connected: Arc<AtomicUsize>,
     tasks: Vec<JoinHandle<Vec<ConnRecord>>>,
+    /// The first client's id; a second load in the same run numbers its clients apart.
+    first_id: usize,
 }
 
 impl Load {
     pub fn new(epoch: Instant) -> Load {
+        Load::numbered_from(epoch, 0)
+    }
+
+    pub fn numbered_from(epoch: Instant, first_id: usize) -> Load {
         Load {
+            first_id,
             epoch,
             stop: watch::channel(false).0,
             connected: Arc::default(),
@@ -96,7 +103,7 @@ impl Load {
     /// Clients that arrive one by one, `every` apart, as new users keep coming.
     pub fn add_spaced(&mut self, n: usize, opts: &ClientOpts, every: Duration) {
         for i in 0..n {
-            let id = self.tasks.len();
+            let id = self.first_id + self.tasks.len();
             let c = Client {
                 id,
                 start_after: every * i as u32,

@@ -20,8 +20,9 @@ use tokio::sync::Mutex;
 use super::LabError;
 use super::procs::Child;
 
-/// Server slots per backend; a run never adds more pods than this.
-pub const SLOTS: usize = 16;
+/// Server slots per backend; a run never adds more pods than this (slots are not
+/// reused, so records stay unambiguous). Sized for `soak`: 3 pods × (30 rounds + 1).
+pub const SLOTS: usize = 96;
 /// Response header naming the pod (slot) that serves a connection.
 pub const POD_HEADER: &str = "x-lab-pod";
 const BACKEND: &str = "pods";

@@ -2,7 +2,7 @@
 //!
 //! Times are offsets from t0 (the moment the pod is deleted). The caller feeds events
 //! (hook returned, container exited) and clock ticks; the driver answers with actions.
-//! Rules (docs/architecture.md, "Kubernetes facts"):
+//! Rules (what the kubelet does; docs/lab.md, "What runs"):
 //! - t0: hooks of all containers that have one start; regular containers without a hook
 //!   get SIGTERM at once (a classic sidecar is such a container).
 //! - a container gets SIGTERM when its own hook returns, or at the grace end if the hook

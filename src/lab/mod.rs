@@ -4,6 +4,7 @@
 //! show on one machine what happens to clients when pods go away. See docs/lab.md.
 
 pub mod client;
+pub mod fleet;
 pub mod ingress;
 pub mod kubelet;
 pub mod netns;
@@ -13,6 +14,7 @@ pub mod pyclient;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod soak;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -79,7 +81,8 @@ pub enum ClientKind {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LabArgs {
-    /// seed, rolling, deadline, pacing, a scenario YAML file, or `demo` (the table).
+    /// seed, rolling, deadline, pacing, scale-up, autoscale, a scenario YAML file, or
+    /// `demo` (the tables).
     pub scenario: String,
     /// Run the wsdrain agent in each pod (with a preStop hook on the app).
     #[arg(long, env = "WSDRAIN_LAB_AGENT", default_value = "on")]
@@ -114,9 +117,10 @@ pub struct LabArgs {
     /// Native sidecar (SIGTERM after the app exited) or classic (SIGTERM at t0).
     #[arg(long, env = "WSDRAIN_LAB_SIDECAR", default_value = "native")]
     pub sidecar: Sidecar,
-    /// The pods' terminationGracePeriodSeconds.
-    #[arg(long, env = "WSDRAIN_LAB_GRACE", default_value = "10s", value_parser = parse_duration)]
-    pub grace: Duration,
+    /// The pods' terminationGracePeriodSeconds [default: 10s; 30s, the Kubernetes
+    /// default, with --fleet-close-rate, so that a budgeted drain fits].
+    #[arg(long, env = "WSDRAIN_LAB_GRACE", value_parser = parse_duration)]
+    pub grace: Option<Duration>,
     /// Delay between deletion and the endpoint leaving the ingress.
     #[arg(long, env = "WSDRAIN_LAB_PROPAGATION", default_value = "1s", value_parser = parse_duration)]
     pub propagation: Duration,
@@ -156,9 +160,70 @@ pub struct LabArgs {
     /// harness can sweep them; the `demo` runs get `<id>-r<N>`.
     #[arg(long, env = "WSDRAIN_LAB_RUN_ID", value_name = "ID")]
     pub run_id: Option<String>,
+    /// `soak`: rolling restarts to run, each replacing every pod one at a time.
+    #[arg(long, env = "WSDRAIN_LAB_ROUNDS", default_value_t = 20)]
+    pub rounds: usize,
+    #[command(flatten)]
+    pub fleet: FleetArgs,
     /// Internal: this process already runs in the node namespace of run id ID.
     #[arg(long, hide = true, value_name = "ID")]
     pub netns_inside: Option<String>,
+}
+
+/// Fleet awareness in the lab (docs/lab.md, "Fleet scenarios").
+#[derive(Debug, Clone, clap::Args)]
+pub struct FleetArgs {
+    /// Agents rebalance after a scale-up [default: on for scale-up and autoscale].
+    #[arg(long, env = "WSDRAIN_LAB_REBALANCE")]
+    pub rebalance: Option<OnOff>,
+    /// Agents share one close budget of N sessions per second while draining together.
+    #[arg(long, env = "WSDRAIN_LAB_FLEET_CLOSE_RATE", value_parser = parse_rate)]
+    pub fleet_close_rate: Option<f64>,
+    /// autoscale: fewest pods.
+    #[arg(long, env = "WSDRAIN_LAB_MIN_PODS", default_value_t = 2)]
+    pub min_pods: usize,
+    /// autoscale: most pods.
+    #[arg(long, env = "WSDRAIN_LAB_MAX_PODS", default_value_t = 8)]
+    pub max_pods: usize,
+    /// autoscale: the sessions per pod the autoscaler aims for.
+    #[arg(long, env = "WSDRAIN_LAB_TARGET_PER_POD", default_value_t = 50)]
+    pub target_per_pod: u64,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    crate::fleet::budget::Budget::new(s.parse().map_err(|_| format!("'{s}' is not a number"))?)
+        .map(|b| b.per_second())
+        .map_err(|e| e.to_string())
+}
+
+impl FleetArgs {
+    fn lab(&self, scenario: &str) -> fleet::FleetLab {
+        let default = matches!(scenario, "scale-up" | "autoscale");
+        fleet::FleetLab {
+            rebalance: self.rebalance.map_or(default, |r| r == OnOff::On),
+            close_rate: self.fleet_close_rate,
+        }
+    }
+
+    fn autoscale(&self, clients: Option<usize>) -> Result<fleet::Autoscale, LabError> {
+        let a = fleet::Autoscale {
+            min_pods: self.min_pods,
+            max_pods: self.max_pods,
+            target_per_pod: self.target_per_pod,
+            clients: clients.unwrap_or(300),
+        };
+        if a.min_pods == 0 || a.min_pods > a.max_pods || a.max_pods > 12 {
+            return Err(LabError::Usage(
+                "--min-pods and --max-pods: 1 <= min <= max <= 12".into(),
+            ));
+        }
+        if a.target_per_pod == 0 || a.clients > 2000 {
+            return Err(LabError::Usage(
+                "--target-per-pod above 0 and at most 2000 --clients".into(),
+            ));
+        }
+        Ok(a)
+    }
 }
 
 impl LabArgs {
@@ -170,6 +235,7 @@ impl LabArgs {
         mode: Mode,
         demo_run: Option<usize>,
     ) -> RunConfig {
+        let scenario_name = scenario.name.clone();
         // Settling outlasts the endpoint's propagation by default, as it should in a cluster.
         let settle_min = self
             .settle_min
@@ -210,8 +276,15 @@ impl LabArgs {
                 app_cmd: self.app.clone(),
                 agent_flags,
                 sidecar: self.sidecar,
-                grace: self.grace,
+                grace: self
+                    .grace
+                    .unwrap_or(if self.fleet.fleet_close_rate.is_some() {
+                        Duration::from_secs(30)
+                    } else {
+                        Duration::from_secs(10)
+                    }),
                 propagation: self.propagation,
+                agent_port: None,
             },
             python,
             interval: self.interval,
@@ -234,6 +307,7 @@ impl LabArgs {
             keep_dir: self.keep_dir,
             records: self.records.clone(),
             progress: !self.quiet,
+            fleet: self.fleet.lab(&scenario_name),
         }
     }
 }
@@ -285,7 +359,13 @@ async fn run_inner(args: &LabArgs) -> anyhow::Result<ExitCode> {
     if args.scenario == "demo" {
         return demo(args).await;
     }
-    let mut scenario = Scenario::load(&args.scenario)?;
+    if args.scenario == "soak" {
+        return soak::run(args).await;
+    }
+    let mut scenario = match args.scenario.as_str() {
+        "autoscale" => fleet::autoscale_scenario(args.fleet.autoscale(args.clients)?),
+        other => Scenario::load(other)?,
+    };
     if let Some(n) = args.clients {
         scenario = scenario.with_clients(n);
     }
@@ -327,12 +407,41 @@ async fn demo(args: &LabArgs) -> anyhow::Result<ExitCode> {
         summaries.push(s.clone());
         rows.push((label.to_string(), s));
     }
+    let scale_up = demo_scale_up(args, runs.len()).await?;
+    summaries.extend(scale_up.iter().map(|(_, s)| s.clone()));
     if args.json {
         println!("{}", serde_json::to_string(&summaries)?);
     } else {
         println!("\n{}", report::table(&rows));
+        println!("\n{}", fleet::balance_table(&scale_up));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The scale-up story of `make demo`: 3 pods with clients, 3 more pods; without
+/// rebalancing the new pods stay idle, with it the clients spread within seconds.
+async fn demo_scale_up(
+    args: &LabArgs,
+    done: usize,
+) -> anyhow::Result<Vec<(String, report::Summary)>> {
+    let mut rows = Vec::new();
+    for (i, (label, rebalance)) in [
+        ("scale 3 → 6, no rebalance", OnOff::Off),
+        ("scale 3 → 6, rebalance", OnOff::On),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut scenario = fleet::scale_up_scenario();
+        if let Some(n) = args.clients {
+            scenario = scenario.with_clients(n);
+        }
+        let mut cfg = args.config(scenario, OnOff::On, Mode::Keep, Some(done + i + 1));
+        cfg.fleet.rebalance = rebalance == OnOff::On;
+        eprintln!("[{}/{}] scale-up: {label}", done + i + 1, done + 2);
+        rows.push((label.to_owned(), runner::run(&cfg).await?));
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]

@@ -37,6 +37,9 @@ pub struct PodTemplate {
     pub sidecar: Sidecar,
     pub grace: Duration,
     pub propagation: Duration,
+    /// One agent port for every pod of a loopback run, so that a static `--peers` list
+    /// names every agent before it starts; `None`: a free port per pod.
+    pub agent_port: Option<u16>,
 }
 
 pub struct Pod {
@@ -48,6 +51,8 @@ pub struct Pod {
     pub slot: Option<String>,
     app: Child,
     agent: Option<Child>,
+    /// The run's directory, where each container's log is.
+    dir: PathBuf,
     /// Last field: dropped (namespace deleted) after the children got SIGKILL.
     _netns: Option<PodNs>,
 }
@@ -88,7 +93,10 @@ impl Pod {
     ) -> Result<Pod, LabError> {
         let [app_port, admin_port, agent_port] = match ns {
             Some(_) => [netns::APP_PORT, netns::ADMIN_PORT, netns::AGENT_PORT],
-            None => free_ports(ip)?,
+            None => {
+                let [app, admin, agent] = free_ports(ip)?;
+                [app, admin, t.agent_port.unwrap_or(agent)]
+            }
         };
         // In its own namespace the app listens on all addresses, as in a pod, and the agent
         // reaches the admin API on the pod's loopback; `{ip}` of --app is then 0.0.0.0.
@@ -164,8 +172,14 @@ impl Pod {
             slot: None,
             app,
             agent,
+            dir: dir.to_owned(),
             _netns: ns,
         })
+    }
+
+    /// Process ids of the app and the agent (if any), for the soak's samples.
+    pub fn pids(&self) -> (i32, Option<i32>) {
+        (self.app.pid(), self.agent.as_ref().map(Child::pid))
     }
 
     pub fn endpoint(&self) -> Endpoint {
@@ -196,9 +210,14 @@ impl Pod {
             }
             for c in std::iter::once(&self.app).chain(self.agent.iter()) {
                 if let Some(status) = c.exited() {
+                    // The container's last words say why (e.g. a port taken).
+                    let log = self.dir.join(format!("{}.log", c.name.replace('/', "-")));
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(3).collect();
                     return Err(LabError::Pod(format!(
-                        "{} exited at start: {status}",
-                        c.name
+                        "{} exited at start: {status}; its log ends: {}",
+                        c.name,
+                        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
                     )));
                 }
             }

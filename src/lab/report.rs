@@ -73,11 +73,20 @@ pub struct Summary {
     /// What each change of the ingress's pod pool did to the connections open then.
     pub pool_changes: Vec<PoolChange>,
     pub pods: Vec<PodReport>,
+    /// `scale-up` (a `balance_ms` step): imbalance before and after, time to balanced.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<super::fleet::BalanceReport>,
+    /// `autoscale`: pods and sessions per pod.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<super::fleet::AutoscaleReport>,
     pub run_id: String,
     /// `--netns`: the prefix of the run's network namespaces (`wsdl-<tag>`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub netns: Option<String>,
     pub duration_ms: u64,
+    /// The soak's `sample` steps (memory and fds of the pods' processes).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub samples: Vec<super::soak::Sample>,
 }
 
 /// Nearest-rank percentile of unsorted values.

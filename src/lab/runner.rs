@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::LabError;
 use super::client::{ClientOpts, ConnRecord, Load};
+use super::fleet::{self, AutoscaleReport, BalanceReport, FleetLab};
 use super::ingress::{self, Health, Ingress, Mode};
 use super::netns::{self, PodNs};
 use super::pod::{Pod, PodReport, PodTemplate};
@@ -34,19 +35,23 @@ pub struct RunConfig {
     pub progress: bool,
     /// `--netns`: the namespace tag (pods get their own namespaces; we run in the node's).
     pub netns: Option<String>,
+    /// Rebalancing and the fleet close budget of the agents.
+    pub fleet: FleetLab,
 }
 
-struct Run<'a> {
-    cfg: &'a RunConfig,
-    epoch: Instant,
+pub(super) struct Run<'a> {
+    pub(super) cfg: &'a RunConfig,
+    /// The pods' template with the run's fleet flags (`--peers`).
+    template: PodTemplate,
+    pub(super) epoch: Instant,
     dir: RunDir,
     net: [u8; 2],
-    ingress: Ingress,
-    pods: Vec<Pod>,
+    pub(super) ingress: Ingress,
+    pub(super) pods: Vec<Pod>,
     started: usize,
-    load: Load,
+    pub(super) load: Load,
     py: Vec<PyClients>,
-    rust_clients: usize,
+    pub(super) rust_clients: usize,
     py_clients: usize,
     removed: BTreeSet<String>,
     /// Slot of each deleted pod → its deletion time (ms from the run's start).
@@ -54,6 +59,11 @@ struct Run<'a> {
     /// When the last `arriving_clients` client starts.
     arrivals_end: Instant,
     reports: Vec<PodReport>,
+    samples: Vec<super::soak::Sample>,
+    /// Records of clients that left during the run (the autoscale ramp-down).
+    pub(super) retired: Vec<ConnRecord>,
+    pub(super) balance: Option<BalanceReport>,
+    pub(super) autoscaled: Option<AutoscaleReport>,
 }
 
 /// 127.A.B.0/24 for this run: A and B random, so parallel runs do not meet.
@@ -85,8 +95,10 @@ pub async fn run(cfg: &RunConfig) -> Result<Summary, LabError> {
         Health::Tcp
     };
     let ingress = Ingress::start(cfg.mode, health, layout, &dir.path, &cfg.run_id, epoch).await?;
+    let template = fleet_template(cfg, net)?;
     let mut run = Run {
         cfg,
+        template,
         epoch,
         dir,
         net,
@@ -101,6 +113,10 @@ pub async fn run(cfg: &RunConfig) -> Result<Summary, LabError> {
         deleted: BTreeMap::new(),
         arrivals_end: epoch,
         reports: Vec::new(),
+        samples: Vec::new(),
+        retired: Vec::new(),
+        balance: None,
+        autoscaled: None,
     };
     let result = run.steps().await;
     let records = run.finish().await;
@@ -121,6 +137,9 @@ pub async fn run(cfg: &RunConfig) -> Result<Summary, LabError> {
         run_id: cfg.run_id.clone(),
         netns: cfg.netns.as_deref().map(netns::ns_prefix),
         pods: std::mem::take(&mut run.reports),
+        samples: std::mem::take(&mut run.samples),
+        balance: run.balance.take(),
+        autoscale: run.autoscaled.take(),
         ..Default::default()
     };
     summarize(&mut s, &records, &run.removed);
@@ -137,8 +156,27 @@ pub async fn run(cfg: &RunConfig) -> Result<Summary, LabError> {
     Ok(s)
 }
 
+/// The pods' template with the fleet flags: with agents on loopback, one agent port for
+/// the run and every pod address in `--peers`. (Pods in network namespaces get no peers.)
+fn fleet_template(cfg: &RunConfig, net: [u8; 2]) -> Result<PodTemplate, LabError> {
+    let mut t = cfg.template.clone();
+    let Some(flags) = t.agent_flags.as_mut() else {
+        return Ok(t);
+    };
+    let peers = match cfg.netns {
+        Some(_) => Vec::new(),
+        None => {
+            let [port] = super::free_ports(ip(net, 2))?;
+            t.agent_port = Some(port);
+            fleet::peer_urls(net, port)
+        }
+    };
+    flags.extend(fleet::agent_flags(&cfg.fleet, &peers));
+    Ok(t)
+}
+
 impl Run<'_> {
-    fn say(&self, what: &str) {
+    pub(super) fn say(&self, what: &str) {
         if self.cfg.progress {
             eprintln!("  [{:>5.1}s] {what}", self.epoch.elapsed().as_secs_f64());
         }
@@ -174,10 +212,20 @@ impl Run<'_> {
                 }
                 Step::Rolling => self.rolling().await?,
                 Step::WaitMs(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                Step::Sample => {
+                    self.load
+                        .wait_connected(self.rust_clients, Duration::from_secs(10))
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let pids: Vec<_> = self.pods.iter().map(Pod::pids).collect();
+                    self.samples.push(super::soak::Sample::take(&pids));
+                }
                 Step::TierChange => {
                     self.say("the stable tier changes (the gateway's own pool)");
                     self.ingress.change_tier().await?;
                 }
+                Step::BalanceMs(ms) => self.watch_balance(Duration::from_millis(ms)).await,
+                Step::Autoscale(a) => self.autoscale(a).await?,
             }
         }
         // Let every client come back (hints are at most a few seconds) and talk a bit.
@@ -234,7 +282,7 @@ impl Run<'_> {
         Ok(())
     }
 
-    async fn scale_up(&mut self, n: usize) -> Result<(), LabError> {
+    pub(super) async fn scale_up(&mut self, n: usize) -> Result<(), LabError> {
         let mut new = Vec::new();
         for _ in 0..n {
             self.started += 1;
@@ -252,7 +300,7 @@ impl Run<'_> {
                 }
             };
             let pod = Pod::start(
-                &self.cfg.template,
+                &self.template,
                 &name,
                 addr,
                 ns,
@@ -277,7 +325,7 @@ impl Run<'_> {
         Ok(())
     }
 
-    async fn delete_newest(&mut self, n: usize) {
+    pub(super) async fn delete_newest(&mut self, n: usize) {
         let keep = self.pods.len() - n;
         let gone: Vec<Pod> = self.pods.drain(keep..).collect();
         let names: Vec<_> = gone.iter().map(|p| p.name.as_str()).collect();
@@ -292,7 +340,7 @@ impl Run<'_> {
                 self.deleted.insert(s.clone(), t0);
             }
         }
-        let t = &self.cfg.template;
+        let t = &self.template;
         let ingress = &self.ingress;
         let reports =
             futures_util::future::join_all(gone.iter().map(|p| p.terminate(t, ingress))).await;
@@ -318,6 +366,7 @@ impl Run<'_> {
     async fn finish(&mut self) -> Vec<ConnRecord> {
         let load = std::mem::replace(&mut self.load, Load::new(self.epoch));
         let mut records = load.stop().await;
+        records.append(&mut self.retired);
         for p in self.py.drain(..) {
             match p.stop().await {
                 Ok(mut r) => records.append(&mut r),

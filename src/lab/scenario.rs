@@ -23,6 +23,13 @@ pub enum Step {
     WaitMs(u64),
     /// Tiered ingress only: take one tier listener out of the gateway's pool.
     TierChange,
+    /// Once every client is back: record the pods' memory and open fds (the soak).
+    Sample,
+    /// Let traffic flow this many milliseconds while sampling the sessions per pod
+    /// (the `scale-up` figures: imbalance before and after, time to balanced).
+    BalanceMs(u64),
+    /// The lab autoscaler drives the pod count (the `autoscale` scenario).
+    Autoscale(super::fleet::Autoscale),
 }
 
 /// A step as written: `rolling` or a one-key map such as `{scale_to: 6}`.
@@ -40,6 +47,7 @@ impl TryFrom<RawStep> for Step {
         let (key, value) = match raw {
             RawStep::Word(w) if w == "rolling" => return Ok(Step::Rolling),
             RawStep::Word(w) if w == "tier_change" => return Ok(Step::TierChange),
+            RawStep::Word(w) if w == "sample" => return Ok(Step::Sample),
             RawStep::Word(w) => return Err(format!("unknown step '{w}'")),
             // The one step with an option: `{arriving_clients: N, every_ms: M}`.
             RawStep::Map(m) if m.contains_key("arriving_clients") => {
@@ -60,9 +68,10 @@ impl TryFrom<RawStep> for Step {
             "ignoring_clients" => Ok(Step::IgnoringClients(n)),
             "scale_to" => Ok(Step::ScaleTo(n)),
             "wait_ms" => Ok(Step::WaitMs(value)),
+            "balance_ms" => Ok(Step::BalanceMs(value)),
             other => Err(format!(
                 "unknown step '{other}' (clients, arriving_clients, ignoring_clients, \
-                 scale_to, wait_ms, rolling, tier_change)"
+                 scale_to, wait_ms, balance_ms, rolling, tier_change)"
             )),
         }
     }
@@ -99,6 +108,7 @@ impl Scenario {
             // Two pods with exactly half the clients each, one removed: the close rate
             // the agent plans is clients/2 over the close window.
             "pacing" => (2, vec![Clients(80), WaitMs(500), ScaleTo(1)]),
+            "scale-up" => return Some(super::fleet::scale_up_scenario()),
             _ => return None,
         };
         Some(Scenario {
@@ -115,7 +125,7 @@ impl Scenario {
         }
         let text = std::fs::read_to_string(spec).map_err(|e| {
             LabError::Scenario(format!(
-                "'{spec}' is neither seed, rolling, deadline, pacing nor a readable file: {e}"
+                "'{spec}' is neither seed, rolling, deadline, pacing, scale-up, autoscale nor a readable file: {e}"
             ))
         })?;
         Self::parse(&text)
@@ -142,8 +152,10 @@ impl Scenario {
                         "arriving_clients: at most 2000, over at most 60 s".into(),
                     ));
                 }
-                Step::WaitMs(ms) if *ms > 60_000 => {
-                    return Err(LabError::Scenario("wait_ms at most 60000".into()));
+                Step::WaitMs(ms) | Step::BalanceMs(ms) if *ms > 60_000 => {
+                    return Err(LabError::Scenario(
+                        "wait_ms and balance_ms at most 60000".into(),
+                    ));
                 }
                 _ => {}
             }

@@ -1,8 +1,12 @@
 //! The mutating admission webhook over TLS: AdmissionReview v1 in, JSON Patch out, using
 //! the same pure injector as `wsdrain inject`. See docs/webhook.md.
 
+pub mod connections;
+pub mod drains;
 pub mod metrics;
+pub mod pki;
 pub mod review;
+pub mod self_managed;
 pub mod server;
 pub mod tls;
 
@@ -12,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use base64::prelude::{BASE64_STANDARD, Engine as _};
 use tokio_util::sync::CancellationToken;
 
 use crate::inject::{DEFAULT_IMAGE, InjectSettings};
@@ -35,7 +40,7 @@ pub struct WebhookArgs {
         long,
         env = "WSDRAIN_WEBHOOK_CERT",
         requires = "key",
-        required_unless_present = "self_signed"
+        required_unless_present_any = ["self_signed", "self_managed"]
     )]
     pub cert: Option<PathBuf>,
 
@@ -47,12 +52,38 @@ pub struct WebhookArgs {
     #[arg(long, env = "WSDRAIN_WEBHOOK_SELF_SIGNED", conflicts_with_all = ["cert", "key"])]
     pub self_signed: bool,
 
-    /// Names for the self-signed certificate (DNS names or IPs, comma-separated in the env
+    /// Manage the CA and serving certificate in the Secret `--tls-secret` and keep the
+    /// caBundle of `--webhook-config` current (no cert-manager); replicas elect one writer
+    /// with the Lease `--lease`.
+    #[arg(long, env = "WSDRAIN_WEBHOOK_SELF_MANAGED", conflicts_with_all = ["cert", "key", "self_signed"])]
+    pub self_managed: bool,
+
+    /// Secret holding ca.crt, ca.key, tls.crt, tls.key (`--self-managed`).
+    #[arg(
+        long,
+        env = "WSDRAIN_WEBHOOK_TLS_SECRET",
+        default_value = "wsdrain-webhook-tls"
+    )]
+    pub tls_secret: String,
+
+    /// Lease naming the one replica that writes certificates (`--self-managed`).
+    #[arg(long, env = "WSDRAIN_WEBHOOK_LEASE", default_value = "wsdrain-webhook")]
+    pub lease: String,
+
+    /// MutatingWebhookConfiguration whose caBundle is kept current (`--self-managed`).
+    #[arg(long, env = "WSDRAIN_WEBHOOK_CONFIG", default_value = "wsdrain")]
+    pub webhook_config: String,
+
+    /// This replica's name in the Lease; the pod name (downward API).
+    #[arg(long, env = "WSDRAIN_WEBHOOK_IDENTITY", default_value = "")]
+    pub identity: String,
+
+    /// Names for the self-signed or self-managed certificate (DNS names or IPs, comma-separated in the env
     /// var). Default: localhost, 127.0.0.1 and the service's DNS names.
     #[arg(long = "san", env = "WSDRAIN_WEBHOOK_SANS", value_delimiter = ',')]
     pub sans: Vec<String>,
 
-    /// Service name, for the default self-signed names.
+    /// Service name, for the default certificate names.
     #[arg(
         long,
         env = "WSDRAIN_WEBHOOK_SERVICE",
@@ -60,7 +91,8 @@ pub struct WebhookArgs {
     )]
     pub service: String,
 
-    /// Namespace the webhook runs in, for the default self-signed names.
+    /// Namespace the webhook runs in: the default certificate names, and where the
+    /// Secret and Lease of `--self-managed` are.
     #[arg(long, env = "WSDRAIN_WEBHOOK_NAMESPACE", default_value = "wsdrain")]
     pub namespace: String,
 
@@ -96,35 +128,18 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
     };
 
     let stop = CancellationToken::new();
-    let store = if args.self_signed {
-        let sans = if args.sans.is_empty() {
-            default_sans(&args.service, &args.namespace)
-        } else {
-            args.sans.clone()
-        };
-        let generated = tls::self_signed(&sans).context("--self-signed")?;
-        // stdout carries only this line, so scripts can take it: `... | sed -n 's/^caBundle: //p'`.
-        println!("caBundle: {}", review::base64(generated.ca_pem.as_bytes()));
-        tracing::info!(?sans, "serving a self-signed certificate (lab use)");
-        tls::CertStore::new(generated.key)
-    } else {
-        let (Some(cert), Some(key)) = (args.cert.clone(), args.key.clone()) else {
-            anyhow::bail!("--cert and --key are required unless --self-signed is given");
-        };
-        let mut files = tls::FilePair::new(cert, key);
-        let first = files
-            .load_if_changed()
-            .context("loading --cert/--key")?
-            .context("certificate files unreadable")?;
-        let store = tls::CertStore::new(first);
-        tokio::spawn(tls::watch(
-            files,
-            store.clone(),
-            args.cert_poll,
-            stop.clone(),
-        ));
-        store
+    let metrics = Arc::new(metrics::Metrics::new());
+    let client = match kube::Client::try_default().await {
+        Ok(client) => Some(client),
+        Err(e) => {
+            tracing::info!(error = %e, "no Kubernetes API configuration: drains are not counted");
+            None
+        }
     };
+    if let Some(client) = &client {
+        tokio::spawn(drains::count(client.clone(), metrics.clone(), stop.clone()));
+    }
+    let store = serving_certificate(&args, client, metrics.clone(), stop.clone()).await?;
     let tls_config = tls::server_config(store)?;
 
     let app = Arc::new(server::App {
@@ -137,7 +152,7 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
             namespace_opted_in: true,
             ..InjectSettings::new(args.image.clone())
         },
-        metrics: metrics::Metrics::new(),
+        metrics,
         body_limit: args.max_body,
     });
 
@@ -156,15 +171,99 @@ pub async fn run(args: WebhookArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn default_sans(service: &str, namespace: &str) -> Vec<String> {
-    vec![
-        "localhost".into(),
-        "127.0.0.1".into(),
-        service.into(),
+/// Where the served certificate comes from: generated in memory (`--self-signed`), the
+/// Secret kept by `--self-managed`, or the files `--cert`/`--key` (cert-manager). Starts
+/// the task that keeps it current.
+async fn serving_certificate(
+    args: &WebhookArgs,
+    client: Option<kube::Client>,
+    metrics: Arc<metrics::Metrics>,
+    stop: CancellationToken,
+) -> anyhow::Result<Arc<tls::CertStore>> {
+    let store = if args.self_signed {
+        let sans = sans(args, true);
+        let generated = tls::self_signed(&sans).context("--self-signed")?;
+        // stdout carries only this line, so scripts can take it: `... | sed -n 's/^caBundle: //p'`.
+        println!(
+            "caBundle: {}",
+            BASE64_STANDARD.encode(generated.ca_pem.as_bytes())
+        );
+        tracing::info!(?sans, "serving a self-signed certificate (lab use)");
+        tls::CertStore::new(generated.key)
+    } else if args.self_managed {
+        let client = client
+            .context("--self-managed needs the Kubernetes API (in-cluster config or kubeconfig)")?;
+        let identity = if args.identity.is_empty() {
+            std::env::var("HOSTNAME")
+                .unwrap_or_else(|_| format!("wsdrain-webhook-{}", std::process::id()))
+        } else {
+            args.identity.clone()
+        };
+        let names = self_managed::Names {
+            namespace: args.namespace.clone(),
+            secret: args.tls_secret.clone(),
+            lease: args.lease.clone(),
+            webhook_config: args.webhook_config.clone(),
+            identity,
+            sans: sans(args, false),
+        };
+        tracing::info!(?names, "self-managed certificates");
+        let mut manager = self_managed::Manager::new(client, names);
+        let every = self_managed::ROUND_EVERY;
+        let (key, served) =
+            self_managed::first_certificate(&mut manager, Duration::from_secs(2)).await;
+        let store = tls::CertStore::new(key);
+        tokio::spawn(self_managed::run(
+            manager,
+            store.clone(),
+            served,
+            every,
+            stop.clone(),
+            metrics.clone(),
+        ));
+        store
+    } else {
+        let (Some(cert), Some(key)) = (args.cert.clone(), args.key.clone()) else {
+            anyhow::bail!(
+                "--cert and --key are required unless --self-signed or --self-managed is given"
+            );
+        };
+        let mut files = tls::FilePair::new(cert, key);
+        let first = files
+            .load_if_changed()
+            .context("loading --cert/--key")?
+            .context("certificate files unreadable")?;
+        let store = tls::CertStore::new(first);
+        tokio::spawn(tls::watch(
+            files,
+            store.clone(),
+            args.cert_poll,
+            stop.clone(),
+            metrics.clone(),
+        ));
+        store
+    };
+    Ok(store)
+}
+
+/// `--san`, or the Service's DNS names (and loopback names for labs).
+fn sans(args: &WebhookArgs, loopback: bool) -> Vec<String> {
+    if !args.sans.is_empty() {
+        return args.sans.clone();
+    }
+    let (service, namespace) = (&args.service, &args.namespace);
+    let mut names = if loopback {
+        vec!["localhost".to_owned(), "127.0.0.1".to_owned()]
+    } else {
+        vec![]
+    };
+    names.extend([
+        service.clone(),
         format!("{service}.{namespace}"),
         format!("{service}.{namespace}.svc"),
         format!("{service}.{namespace}.svc.cluster.local"),
-    ]
+    ]);
+    names
 }
 
 async fn stop_on_signal(stop: CancellationToken) {
@@ -257,5 +356,17 @@ mod tests {
             "cert needs key"
         );
         assert!(Cli::try_parse_from(["x", "--self-signed", "--cert", "c", "--key", "k"]).is_err());
+        let cli = Cli::try_parse_from(["x", "--self-managed"]).expect("self-managed alone");
+        assert_eq!(
+            (
+                cli.args.tls_secret.as_str(),
+                cli.args.lease.as_str(),
+                cli.args.webhook_config.as_str()
+            ),
+            ("wsdrain-webhook-tls", "wsdrain-webhook", "wsdrain"),
+            "the names the overlay's RBAC grants"
+        );
+        assert!(Cli::try_parse_from(["x", "--self-managed", "--self-signed"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--self-managed", "--cert", "c", "--key", "k"]).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! AdmissionReview v1 in, AdmissionReview v1 out. Pure: bytes in, status + bytes out, so
 //! it is tested without a server and the server stays a thin shell.
 
+use base64::prelude::{BASE64_STANDARD, Engine as _};
 use http::StatusCode;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
@@ -106,7 +107,9 @@ pub fn review(body: &[u8], settings: &InjectSettings) -> Reply {
         Ok(Decision::Skip { reason }) => {
             return finish(resp, Outcome::Skipped, &req.uid, object, reason, vec![]);
         }
-        Ok(Decision::Patch { patch, warnings }) => match resp.clone().with_patch(patch) {
+        Ok(Decision::Patch { patch, warnings }) => match check_applies(&pod, &patch)
+            .and_then(|()| resp.clone().with_patch(patch).map_err(|e| e.to_string()))
+        {
             Ok(resp) => {
                 return finish(
                     resp,
@@ -117,7 +120,7 @@ pub fn review(body: &[u8], settings: &InjectSettings) -> Reply {
                     warnings,
                 );
             }
-            Err(e) => e.to_string(),
+            Err(e) => e,
         },
         Err(e) => e.to_string(),
     };
@@ -130,6 +133,12 @@ pub fn review(body: &[u8], settings: &InjectSettings) -> Reply {
         note.clone(),
         vec![format!("wsdrain: {note}")],
     )
+}
+
+/// The API server rejects the whole admission when a patch does not apply, whatever the
+/// failurePolicy says; so a patch is tried on a copy first, and one that fails is not sent.
+fn check_applies(pod: &Value, patch: &json_patch::Patch) -> Result<(), String> {
+    json_patch::patch(&mut pod.clone(), patch).map_err(|e| format!("patch does not apply: {e}"))
 }
 
 fn describe(req: &AdmissionRequest<DynamicObject>, pod: Option<&Value>) -> String {
@@ -193,7 +202,10 @@ fn encode(mut resp: AdmissionResponse) -> Result<Vec<u8>, serde_json::Error> {
         patch,
         out.get_mut("response").and_then(Value::as_object_mut),
     ) {
-        response.insert("patch".into(), Value::String(base64(&patch)));
+        response.insert(
+            "patch".into(),
+            Value::String(BASE64_STANDARD.encode(&patch)),
+        );
     }
     serde_json::to_vec(&out)
 }
@@ -218,32 +230,6 @@ fn bad_request_uid(uid: &str, message: String) -> Reply {
         note: message,
         warnings: vec![],
     }
-}
-
-/// Standard base64 with padding (RFC 4648 §4); small enough not to need a crate.
-pub fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let sextet = |n: u32, shift: u32| ALPHABET[(n >> shift & 63) as usize];
-    let mut out = Vec::with_capacity(data.len().div_ceil(3) * 4);
-    let chunks = data.chunks_exact(3);
-    let rest = chunks.remainder();
-    for c in chunks {
-        let n = u32::from(c[0]) << 16 | u32::from(c[1]) << 8 | u32::from(c[2]);
-        out.extend_from_slice(&[sextet(n, 18), sextet(n, 12), sextet(n, 6), sextet(n, 0)]);
-    }
-    match *rest {
-        [a] => {
-            let n = u32::from(a) << 16;
-            out.extend_from_slice(&[sextet(n, 18), sextet(n, 12), b'=', b'=']);
-        }
-        [a, b] => {
-            let n = u32::from(a) << 16 | u32::from(b) << 8;
-            out.extend_from_slice(&[sextet(n, 18), sextet(n, 12), sextet(n, 6), b'=']);
-        }
-        _ => {}
-    }
-    // Only ASCII from ALPHABET and '=' went in.
-    String::from_utf8(out).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -283,21 +269,6 @@ mod tests {
 
     fn body(reply: &Reply) -> Value {
         serde_json::from_slice(&reply.body).expect("reply is JSON")
-    }
-
-    #[test]
-    fn base64_matches_rfc4648_vectors() {
-        for (input, want) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64(input.as_bytes()), want, "{input}");
-        }
     }
 
     #[test]
@@ -374,7 +345,169 @@ mod tests {
         assert_eq!(out["response"]["patchType"], "JSONPatch");
         assert_eq!(
             out["response"]["patch"],
-            base64(br#"[{"op":"add","path":"/metadata/labels","value":{"a":"b"}}]"#)
+            BASE64_STANDARD
+                .encode(br#"[{"op":"add","path":"/metadata/labels","value":{"a":"b"}}]"#)
         );
+    }
+}
+
+/// Bounded fuzzing of the parser of outside bytes: whatever arrives, `review` answers 200
+/// or 400 with JSON, echoes the uid it could read, and a patch it returns applies.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const FIXTURE: &str = include_str!("../../tests/fixtures/admission/pod-create.json");
+
+    fn settings() -> InjectSettings {
+        InjectSettings {
+            namespace_opted_in: true,
+            ..InjectSettings::new("example.com/wsdrain:test")
+        }
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            "[ -~]{0,12}".prop_map(Value::String),
+            "\\PC{0,8}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map("[a-zA-Z/.~-]{1,10}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// The fields of the fixture a mutation may replace or remove.
+    fn field() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec![
+            "/apiVersion",
+            "/kind",
+            "/request",
+            "/request/uid",
+            "/request/kind",
+            "/request/kind/kind",
+            "/request/kind/group",
+            "/request/resource",
+            "/request/operation",
+            "/request/subResource",
+            "/request/name",
+            "/request/namespace",
+            "/request/userInfo",
+            "/request/object",
+            "/request/object/metadata",
+            "/request/object/metadata/annotations",
+            "/request/object/metadata/labels",
+            "/request/object/spec",
+            "/request/object/spec/containers",
+            "/request/object/spec/containers/0",
+            "/request/object/spec/containers/0/ports",
+            "/request/object/spec/terminationGracePeriodSeconds",
+            "/request/oldObject",
+            "/request/dryRun",
+            "/request/options",
+        ])
+    }
+
+    /// What every answer must satisfy, whatever the input.
+    fn check_answer(reply: &Reply, sent: Option<&Value>) -> Result<(), TestCaseError> {
+        prop_assert!(
+            reply.status == StatusCode::OK || reply.status == StatusCode::BAD_REQUEST,
+            "status {}",
+            reply.status
+        );
+        let out: Value = serde_json::from_slice(&reply.body)
+            .map_err(|e| TestCaseError::fail(format!("answer not JSON: {e}")))?;
+        prop_assert_eq!(&out["apiVersion"], "admission.k8s.io/v1");
+        prop_assert_eq!(&out["kind"], "AdmissionReview");
+        if reply.status == StatusCode::BAD_REQUEST {
+            prop_assert!(!reply.note.is_empty(), "a 400 says why");
+            return Ok(());
+        }
+        let Some(sent) = sent else {
+            return Ok(());
+        };
+        prop_assert_eq!(&out["response"]["uid"], &sent["request"]["uid"]);
+        prop_assert_eq!(&out["response"]["allowed"], true);
+        if let Some(patch) = out["response"]["patch"].as_str() {
+            let bytes = BASE64_STANDARD
+                .decode(patch)
+                .map_err(|e| TestCaseError::fail(format!("patch not base64: {e}")))?;
+            let patch: json_patch::Patch = serde_json::from_slice(&bytes)
+                .map_err(|e| TestCaseError::fail(format!("patch not JSON Patch: {e}")))?;
+            let mut pod = sent["request"]["object"].clone();
+            json_patch::patch(&mut pod, &patch)
+                .map_err(|e| TestCaseError::fail(format!("patch does not apply: {e}")))?;
+        }
+        Ok(())
+    }
+
+    proptest! {
+        // 256 cases in `make test`; `PROPTEST_CASES=100000` runs longer (fuzzing).
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(256)
+        ))]
+
+        #[test]
+        fn arbitrary_bytes_get_an_answer(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            check_answer(&review(&bytes, &settings()), None)?;
+        }
+
+        #[test]
+        fn arbitrary_json_gets_an_answer(value in json_value()) {
+            let bytes = serde_json::to_vec(&value).expect("json");
+            check_answer(&review(&bytes, &settings()), None)?;
+        }
+
+        #[test]
+        fn a_real_review_with_fields_replaced_or_removed_gets_an_answer(
+            edits in prop::collection::vec((field(), prop::option::of(json_value())), 1..4)
+        ) {
+            let mut sent: Value = serde_json::from_str(FIXTURE).expect("fixture");
+            for (path, value) in edits {
+                let (parent, key) = path.rsplit_once('/').expect("pointer");
+                let Some(parent) = sent.pointer_mut(parent) else { continue };
+                match (parent, value) {
+                    (Value::Object(map), Some(v)) => { map.insert(key.to_owned(), v); }
+                    (Value::Object(map), None) => { map.remove(key); }
+                    (Value::Array(items), v) => {
+                        if let Some(i) = key.parse::<usize>().ok().filter(|&i| i < items.len()) {
+                            match v {
+                                Some(v) => items[i] = v,
+                                None => { items.remove(i); }
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let bytes = serde_json::to_vec(&sent).expect("json");
+            let reply = review(&bytes, &settings());
+            // A uid the server could not read is not echoed; otherwise it must be.
+            let readable_uid = sent["request"]["uid"].as_str().is_some_and(|u| !u.is_empty());
+            check_answer(&reply, readable_uid.then_some(&sent))?;
+        }
+    }
+
+    /// The probe's inputs: nesting far past serde_json's recursion limit, and a body of
+    /// one huge string, are refused with a reason instead of overflowing the stack.
+    #[test]
+    fn deep_nesting_and_huge_strings_are_refused_with_a_reason() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let reply = review(deep.as_bytes(), &settings());
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+        assert!(reply.note.contains("not JSON"), "{}", reply.note);
+
+        let huge = format!("\"{}\"", "x".repeat(3 * 1024 * 1024));
+        let reply = review(huge.as_bytes(), &settings());
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+        assert!(reply.note.len() < 1024, "message stays short");
     }
 }

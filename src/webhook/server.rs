@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::connections::{Connections, Slot};
 use super::metrics::{Metrics, Outcome};
 use super::review::{Reply, review};
 use crate::inject::InjectSettings;
@@ -24,22 +25,26 @@ use crate::net::text;
 /// The API server sends one pod per request; 3 MiB is etcd's object limit (1.5 MiB)
 /// with room for the AdmissionReview envelope and oldObject.
 pub const DEFAULT_BODY_LIMIT: usize = 3 * 1024 * 1024;
-/// Handshake and body must each arrive within this; the API server's own webhook
-/// timeout is at most 30 s, usually 5 s.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The API server's handshake takes milliseconds and its whole call is given 5 s
+/// (`timeoutSeconds`); a handshake still going after this is a stalled or hostile client.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The body must arrive within this once the headers are in.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// In-flight requests get this long after SIGTERM.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// hyper's header-read timer also runs while a keep-alive connection is idle. The API
 /// server's Go client keeps idle connections 90 s; closing ours sooner would race its
 /// next POST on the same connection (a failed call = a pod without agent), so we outlast
-/// it and let the client close first.
+/// it and let the client close first. Under pressure the connection table closes idle
+/// connections sooner (quietest first), so this bound never locks anyone out.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
-/// Caps what slow or idle clients can hold; the API server needs a handful.
-const MAX_CONNECTIONS: usize = 1024;
+/// Connections held at once; the API server needs a handful. A connection beyond this
+/// evicts the quietest one instead of waiting.
+pub const MAX_CONNECTIONS: usize = 1024;
 
 pub struct App {
     pub settings: InjectSettings,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub body_limit: usize,
 }
 
@@ -54,47 +59,30 @@ pub async fn serve(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let connections = Connections::new(MAX_CONNECTIONS);
     loop {
-        let permit = tokio::select! {
-            () = stop.cancelled() => break,
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let (tcp, peer) = tokio::select! {
             () = stop.cancelled() => break,
             accepted = crate::net::accept(&listener) => accepted,
         };
         let _ = tcp.set_nodelay(true);
+        let (slot, evicted) = connections.admit(Instant::now());
+        if evicted {
+            app.metrics.connection_evicted();
+        }
+        app.metrics.set_connections(connections.len());
         let acceptor = acceptor.clone();
         let app = app.clone();
         let watcher = graceful.watcher();
+        let table = connections.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            let tls = match tokio::time::timeout(IO_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let service = service_fn(move |req| {
-                let app = app.clone();
-                async move { Ok::<_, Infallible>(route(req, &app).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(IDLE_TIMEOUT)
-                .serve_connection(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            let slot = Arc::new(slot);
+            tokio::select! {
+                () = slot.evicted() => tracing::debug!(%peer, "connection evicted: the table was full and it was the quietest"),
+                () = serve_connection(acceptor, tcp, peer, app.clone(), slot.clone(), watcher) => {}
             }
+            drop(slot);
+            app.metrics.set_connections(table.len());
         });
     }
     drop(listener);
@@ -103,6 +91,45 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("connections still open after {DRAIN_TIMEOUT:?}; stopping anyway");
+    }
+}
+
+async fn serve_connection(
+    acceptor: TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    app: Arc<App>,
+    slot: Arc<Slot>,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    slot.touch(Instant::now());
+    let service = service_fn(move |req| {
+        let app = app.clone();
+        let slot = slot.clone();
+        async move {
+            slot.touch(Instant::now());
+            let resp = route(req, &app).await;
+            slot.touch(Instant::now());
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(IDLE_TIMEOUT)
+        .serve_connection(TokioIo::new(tls), service);
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }
 
@@ -163,9 +190,12 @@ async fn mutate(req: Request<Incoming>, app: &App) -> Response<Body> {
 
 /// The whole body, bounded in size and time; the error is the answer to send.
 ///
-/// Past the limit we keep reading and discarding up to twice the limit before answering
-/// 413, so a client that is still sending sees the answer rather than a reset connection;
-/// beyond that (or when Content-Length already says so) we answer at once and close.
+/// A Content-Length over the limit is refused before any body byte is read, so hyper
+/// never sends `100 Continue`: a client that sent `Expect: 100-continue` sends nothing
+/// and reads the 413. A client that sends its body anyway has it read and dropped, up to
+/// another `limit` bytes, so it sees the answer rather than a reset connection. A body
+/// without a length (chunked) is cut off at the limit by `Limited`, then the connection
+/// closes after the 413.
 async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, (StatusCode, String)> {
     let too_large = || {
         (
@@ -173,47 +203,33 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, (Statu
             format!("request body larger than {limit} bytes\n"),
         )
     };
-    let drain_cap = limit.saturating_mul(2);
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > drain_cap as u64) {
+    if let Some(declared) = declared.filter(|&n| n > limit as u64) {
+        let waits_for_continue = req
+            .headers()
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if !waits_for_continue && declared <= (limit as u64).saturating_mul(2) {
+            let mut body = req.into_body();
+            let discard = async { while let Some(Ok(_)) = body.frame().await {} };
+            let _ = tokio::time::timeout(BODY_TIMEOUT, discard).await;
+        }
         return Err(too_large());
     }
-    let read = async {
-        let mut body = req.into_body();
-        let mut buf = Vec::with_capacity(declared.map_or(0, |n| n.min(limit as u64) as usize));
-        let mut seen = 0usize;
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| {
-                (
-                    StatusCode::BAD_REQUEST,
-                    format!("reading request body: {e}\n"),
-                )
-            })?;
-            let Some(data) = frame.data_ref() else {
-                continue;
-            };
-            seen = seen.saturating_add(data.len());
-            if seen > drain_cap {
-                break;
-            }
-            if seen <= limit {
-                buf.extend_from_slice(data);
-            }
-        }
-        if seen > limit {
-            return Err(too_large());
-        }
-        Ok(Bytes::from(buf))
-    };
-    match tokio::time::timeout(IO_TIMEOUT, read).await {
-        Ok(result) => result,
+    match tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), limit).collect()).await {
+        Ok(Ok(body)) => Ok(body.to_bytes()),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err((
+            StatusCode::BAD_REQUEST,
+            format!("reading request body: {e}\n"),
+        )),
         Err(_) => Err((
             StatusCode::REQUEST_TIMEOUT,
-            format!("request body not received within {IO_TIMEOUT:?}\n"),
+            format!("request body not received within {BODY_TIMEOUT:?}\n"),
         )),
     }
 }

@@ -12,6 +12,8 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio_util::sync::CancellationToken;
 
+use super::metrics::Metrics;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("read {path}: {source}")]
@@ -153,6 +155,7 @@ pub async fn watch(
     store: Arc<CertStore>,
     every: Duration,
     stop: CancellationToken,
+    metrics: Arc<Metrics>,
 ) {
     loop {
         tokio::select! {
@@ -163,14 +166,18 @@ pub async fn watch(
             Ok(None) => {}
             Ok(Some(key)) => {
                 store.set(key);
+                metrics.certificate_reloaded(true);
                 tracing::info!(cert = %files.cert.display(), "serving certificate reloaded");
             }
-            Err(err) => tracing::error!(
-                cert = %files.cert.display(),
-                key = %files.key.display(),
-                error = %err,
-                "new certificate not loaded; still serving the previous one"
-            ),
+            Err(err) => {
+                metrics.certificate_reloaded(false);
+                tracing::error!(
+                    cert = %files.cert.display(),
+                    key = %files.key.display(),
+                    error = %err,
+                    "new certificate not loaded; still serving the previous one"
+                )
+            }
         }
     }
 }
