@@ -4,8 +4,12 @@ CARGO ?= cargo
 # rustup installs into ~/.cargo/bin; later recipe lines need it on PATH too.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 export CARGO_TERM_COLOR ?= never
+# `wsdrain version` prints it (empty outside a git checkout: "unknown").
+export WSDRAIN_GIT_COMMIT ?= $(shell git describe --always --dirty --abbrev=12 2>/dev/null)
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+BENCH_BINS := $(TARGET_DIR)/bench-bins
 
-.PHONY: all build deps test unit fuzz demo bench bench-image lint fmt image-binary clean
+.PHONY: all build deps test unit fuzz demo bench bench-bins bench-image lint fmt image-binary clean
 
 all: build
 
@@ -15,10 +19,15 @@ deps:
 build: deps
 	$(CARGO) build
 
-# The whole suite: unit tests, real-process e2e tests, manifest validation.
+# The whole suite: format and lints, unit tests, real-process e2e tests, manifest
+# validation, and the slim sidecar (no lab, no echo app) still builds cleanly.
 test: deps
+	if command -v rustup >/dev/null; then rustup component add rustfmt clippy 2>/dev/null; fi
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) build --all-targets
 	$(CARGO) test --no-fail-fast -- --test-threads=2
+	$(CARGO) clippy --no-default-features --bin wsdrain -- -D warnings
 	bash scripts/validate-manifests.sh
 
 unit:
@@ -32,16 +41,34 @@ demo: deps
 	$(CARGO) build
 	bash scripts/demo.sh
 
-# Figures, not assertions: counting speed, hook release latency, RSS, webhook latency.
-bench: deps
+# Figures, not assertions: counting speed, hook release latency, RSS (slim sidecar vs
+# full build vs a hyper "hello" floor), webhook latency.
+bench: deps bench-bins
 	$(CARGO) bench --bench count
+	WSDRAIN_BENCH_BIN=$(BENCH_BINS)/wsdrain-slim \
+	WSDRAIN_BENCH_FULL_BIN=$(BENCH_BINS)/wsdrain-full \
+	WSDRAIN_BENCH_FLOOR_BIN=$(BENCH_BINS)/hyper-floor \
 	$(CARGO) bench --bench agent
 	$(CARGO) bench --bench webhook
 	$(CARGO) bench --bench proxy
 
+# The three binaries the agent bench compares, all in the release profile. Copied out
+# because the two wsdrain builds share one output path.
+bench-bins:
+	mkdir -p $(BENCH_BINS)
+	$(CARGO) build --release --bin wsdrain
+	cp $(TARGET_DIR)/release/wsdrain $(BENCH_BINS)/wsdrain-full
+	$(CARGO) build --release --no-default-features --bin wsdrain
+	cp $(TARGET_DIR)/release/wsdrain $(BENCH_BINS)/wsdrain-slim
+	$(CARGO) build --release --example hyper_floor
+	cp $(TARGET_DIR)/release/examples/hyper_floor $(BENCH_BINS)/hyper-floor
+
 # The agent bench on the static musl binary the Dockerfile ships (fat LTO: ~9 min cold).
-bench-image: deps
-	WSDRAIN_BENCH_BIN=$$(bash scripts/image-binary.sh | tail -n 1) $(CARGO) bench --bench agent
+bench-image: deps bench-bins
+	WSDRAIN_BENCH_BIN=$$(bash scripts/image-binary.sh | tail -n 1) \
+	WSDRAIN_BENCH_FULL_BIN=$(BENCH_BINS)/wsdrain-full \
+	WSDRAIN_BENCH_FLOOR_BIN=$(BENCH_BINS)/hyper-floor \
+	$(CARGO) bench --bench agent
 
 lint: deps
 	if command -v rustup >/dev/null; then rustup component add rustfmt clippy; fi

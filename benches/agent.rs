@@ -7,6 +7,12 @@
 //! release goal). Every "pod" is its own loopback address; every child is killed when
 //! its handle drops (normal end or panic) and by the kernel if this process dies.
 //!
+//! Footprint: binary size and idle RSS of the slim sidecar (`--no-default-features`),
+//! the full development build and a minimal hyper "hello" server (`examples/hyper_floor.rs`),
+//! all built in the same profile by `make bench` and passed in `WSDRAIN_BENCH_BIN`,
+//! `WSDRAIN_BENCH_FULL_BIN` and `WSDRAIN_BENCH_FLOOR_BIN`. The 5k-session pod runs the
+//! echo app from the full build (the slim one has none).
+//!
 //! Release latency: per round a fresh agent (no admin API, so it just waits) watches K
 //! plain TCP connections held by this process; /prestop is called, and once the agent is
 //! in `Waiting` the connections are closed at a random point of its poll cycle. The
@@ -18,7 +24,7 @@ mod common;
 
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -29,6 +35,10 @@ use serde_json::Value;
 const GOAL_RELEASE_P95: Duration = Duration::from_millis(150);
 const GOAL_EVENT_RELEASE_P95: Duration = Duration::from_millis(20);
 const GOAL_IDLE_RSS_KIB: u64 = 5 * 1024;
+/// The sidecar's idle RSS at most this many times the hyper floor's.
+const GOAL_FLOOR_RATIO: f64 = 1.5;
+/// Processes started per binary for the footprint figures (the median is reported).
+const FOOTPRINT_SAMPLES: usize = 5;
 /// Connections held open per latency round.
 const HELD: usize = 20;
 /// Sequential rounds per fast poll setting, and the wall time they may take at most.
@@ -93,7 +103,41 @@ fn main() {
     rows.push(event_driven_release(&bin));
     rows.extend(api_flood(&bin));
 
-    let mem = memory(&bin);
+    let footprint = footprint(&bin);
+    for f in &footprint {
+        println!(
+            "  footprint {:<11}: binary {:>9}, idle VmRSS {} (RssAnon {}), {}",
+            f.label,
+            mib_bytes(f.size),
+            kib(f.rss),
+            kib(f.anon),
+            f.path.display()
+        );
+    }
+    let floor = footprint
+        .iter()
+        .find(|f| f.label.starts_with("hyper floor"));
+    for f in &footprint {
+        let ratio = floor.map(|fl| f.rss as f64 / fl.rss.max(1) as f64);
+        let (goal, verdict) = match (f.label.starts_with("sidecar"), ratio) {
+            (true, Some(r)) if r <= GOAL_FLOOR_RATIO => ("<= 1.5x floor", "MET"),
+            (true, Some(_)) => ("<= 1.5x floor", "MISSED"),
+            (true, None) => ("<= 1.5x floor", "n/a (no floor)"),
+            _ => ("-", "-"),
+        };
+        rows.push((
+            format!("idle RSS, {}", f.label),
+            match ratio {
+                Some(r) => format!("{} ({r:.2}x floor), {}", kib(f.rss), mib_bytes(f.size)),
+                None => format!("{}, {}", kib(f.rss), mib_bytes(f.size)),
+            },
+            goal.to_owned(),
+            verdict.to_owned(),
+        ));
+    }
+
+    let echo_bin = echo_binary(&bin);
+    let mem = memory(&bin, &echo_bin);
     println!(
         "  idle VmRSS {}: RssAnon {} (the agent's own memory) + {} file-backed (binary pages, shared page cache)",
         kib(mem.idle),
@@ -145,9 +189,9 @@ fn main() {
     ));
 
     println!();
-    println!("{:<42} {:<36} {:<10} verdict", "figure", "value", "goal");
+    println!("{:<42} {:<36} {:<14} verdict", "figure", "value", "goal");
     for (name, value, goal, verdict) in rows {
-        println!("{name:<42} {value:<36} {goal:<10} {verdict}");
+        println!("{name:<42} {value:<36} {goal:<14} {verdict}");
     }
     println!(
         "binary {kind}; total {:.1?}; machine {}",
@@ -173,6 +217,84 @@ fn pick_binary() -> (PathBuf, &'static str) {
     (target.join("debug/wsdrain"), "debug build")
 }
 
+/// A build with the echo app: `WSDRAIN_BENCH_FULL_BIN`, else the measured binary.
+fn echo_binary(bin: &Path) -> PathBuf {
+    std::env::var_os("WSDRAIN_BENCH_FULL_BIN").map_or_else(|| bin.to_path_buf(), PathBuf::from)
+}
+
+struct Footprint {
+    label: String,
+    path: PathBuf,
+    /// Bytes on disk.
+    size: u64,
+    /// Median idle VmRSS and RssAnon in KiB.
+    rss: u64,
+    anon: u64,
+}
+
+/// Binary size and idle RSS of the measured sidecar, the full build and the hyper floor,
+/// whichever are given.
+fn footprint(bin: &Path) -> Vec<Footprint> {
+    let mut out = Vec::new();
+    let var = |name: &str| std::env::var_os(name).map(PathBuf::from);
+    let candidates = [
+        ("sidecar (measured binary)", Some(bin.to_path_buf()), false),
+        (
+            "full build (lab + echo)",
+            var("WSDRAIN_BENCH_FULL_BIN"),
+            false,
+        ),
+        (
+            "hyper floor (examples/hyper_floor.rs)",
+            var("WSDRAIN_BENCH_FLOOR_BIN"),
+            true,
+        ),
+    ];
+    for (label, path, is_floor) in candidates {
+        let Some(path) = path else { continue };
+        let Ok(meta) = std::fs::metadata(&path) else {
+            println!("  footprint: {} missing, skipped", path.display());
+            continue;
+        };
+        let mut samples: Vec<(u64, u64)> = (0..FOOTPRINT_SAMPLES)
+            .map(|_| idle_rss(&path, is_floor))
+            .collect();
+        samples.sort();
+        let (rss, anon) = samples[samples.len() / 2];
+        out.push(Footprint {
+            label: label.to_owned(),
+            path,
+            size: meta.len(),
+            rss,
+            anon,
+        });
+    }
+    out
+}
+
+/// (VmRSS, RssAnon) in KiB of one fresh process, 500 ms after it listens: an agent
+/// watching a port nobody uses, or the floor server.
+fn idle_rss(path: &Path, is_floor: bool) -> (u64, u64) {
+    let ip = pod_ip();
+    let (proc, addr) = if is_floor {
+        let addr = SocketAddr::new(ip, free_port(ip));
+        let mut cmd = Command::new(path);
+        cmd.arg(addr.to_string());
+        (spawn("floor", &mut cmd), addr)
+    } else {
+        agent(path, ip, free_port(ip), &[])
+    };
+    wait_listening(addr, Duration::from_secs(10));
+    // Idle means after start-up settled: a fixed pause is the measurement, not a wait.
+    thread::sleep(Duration::from_millis(500));
+    let (rss, _, anon) = rss(proc.pid());
+    (rss, anon)
+}
+
+fn mib_bytes(bytes: u64) -> String {
+    format!("{:.2} MB", bytes as f64 / 1e6)
+}
+
 fn machine() -> String {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     format!(
@@ -194,6 +316,7 @@ fn kib(k: u64) -> String {
 }
 
 /// Spawns a child that the kernel kills if the spawning thread (and so this bench) dies.
+#[allow(unsafe_code)]
 fn spawn(name: &str, cmd: &mut Command) -> Proc {
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
@@ -207,7 +330,7 @@ fn spawn(name: &str, cmd: &mut Command) -> Proc {
 }
 
 /// Starts an agent for `port` on `ip`; returns it and its API address.
-fn agent(bin: &PathBuf, ip: IpAddr, port: u16, extra: &[&str]) -> (Proc, SocketAddr) {
+fn agent(bin: &Path, ip: IpAddr, port: u16, extra: &[&str]) -> (Proc, SocketAddr) {
     let api = SocketAddr::new(ip, free_port(ip));
     let mut cmd = Command::new(bin);
     cmd.arg("agent")
@@ -269,7 +392,7 @@ impl Latencies {
     }
 }
 
-fn sequential_rounds(bin: &PathBuf, flag: &str, poll: Duration) -> Latencies {
+fn sequential_rounds(bin: &Path, flag: &str, poll: Duration) -> Latencies {
     let end = Instant::now() + ROUNDS_LIMIT;
     let mut lat = Latencies::default();
     while lat.ok.len() + lat.failed < ROUNDS && Instant::now() < end {
@@ -278,7 +401,7 @@ fn sequential_rounds(bin: &PathBuf, flag: &str, poll: Duration) -> Latencies {
     lat
 }
 
-fn concurrent_rounds(bin: &PathBuf, flag: &str, poll: Duration, n: usize) -> Latencies {
+fn concurrent_rounds(bin: &Path, flag: &str, poll: Duration, n: usize) -> Latencies {
     let mut lat = Latencies::default();
     thread::scope(|s| {
         let rounds: Vec<_> = (0..n)
@@ -292,13 +415,13 @@ fn concurrent_rounds(bin: &PathBuf, flag: &str, poll: Duration, n: usize) -> Lat
 }
 
 /// One pod counting on its poll only (`--poll-only`): the poll figures.
-fn release_round(bin: &PathBuf, flag: &str, poll: Duration) -> Option<Duration> {
+fn release_round(bin: &Path, flag: &str, poll: Duration) -> Option<Duration> {
     release_round_with(bin, flag, poll, &["--poll-only"])
 }
 
 /// One pod: HELD connections, /prestop, close them all, time to the answer.
 fn release_round_with(
-    bin: &PathBuf,
+    bin: &Path,
     flag: &str,
     poll: Duration,
     counting: &[&str],
@@ -353,7 +476,7 @@ fn release_round_with(
 /// Event-driven release (socket destroy notifications, the default): the agent keeps a
 /// slow 1 s fallback poll, and the hook must still be answered within 20 ms of the last
 /// connection going away. Same rounds as the poll figures above.
-fn event_driven_release(bin: &PathBuf) -> (String, String, String, String) {
+fn event_driven_release(bin: &Path) -> (String, String, String, String) {
     let end = Instant::now() + ROUNDS_LIMIT;
     let mut lat = Latencies::default();
     while lat.ok.len() + lat.failed < ROUNDS && Instant::now() < end {
@@ -383,7 +506,7 @@ const FLOOD: usize = 2000;
 /// The agent under a flood of idle API connections (issue: 11.6 KB kept per connection
 /// before the cap): /livez and /prestop latency while flooded, and RSS after the flood
 /// against idle (goal: within 2 MiB).
-fn api_flood(bin: &PathBuf) -> Vec<(String, String, String, String)> {
+fn api_flood(bin: &Path) -> Vec<(String, String, String, String)> {
     let ip = pod_ip();
     let app = TcpListener::bind((ip, 0)).expect("bind app port");
     let port = app.local_addr().expect("addr").port();
@@ -476,11 +599,11 @@ struct Memory {
 
 /// A pod with the echo app and 5k WebSocket sessions; the agent's RSS before, during and
 /// after draining them.
-fn memory(bin: &PathBuf) -> Memory {
+fn memory(bin: &Path, echo_bin: &Path) -> Memory {
     let ip = pod_ip();
     let app = SocketAddr::new(ip, free_port(ip));
     let admin = SocketAddr::new(ip, free_port(ip));
-    let mut cmd = Command::new(bin);
+    let mut cmd = Command::new(echo_bin);
     cmd.args([
         "echo",
         "--listen",

@@ -578,6 +578,7 @@ fn pin_self() -> bool {
 }
 
 /// Spawns a child (on `core` via taskset) that the kernel kills if this bench dies.
+#[allow(unsafe_code)] // the pre_exec below: children die with the bench
 fn spawn(name: &str, core: Option<&str>, cmd: &mut Command) -> Proc {
     let mut cmd = match core {
         Some(core) => {

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the static musl binary the Dockerfile ships (`make image-binary`), without a
 # container engine: installs the musl target (rustup) and musl-gcc (apt) when missing,
-# builds with the `image` profile (fat LTO, ~9 min on 2 cores), checks the result is
-# static and runs, and prints its path.
+# builds the slim sidecar (`--no-default-features`: no lab, no echo app) with the `image`
+# profile (fat LTO, ~9 min on 2 cores), checks the result is static and runs, and prints
+# its path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,13 +19,16 @@ if ! command -v musl-gcc >/dev/null || ! command -v file >/dev/null; then
 fi
 
 export CC_x86_64_unknown_linux_musl=musl-gcc
-cargo build --locked --profile image --target "$target" --bin wsdrain
+# `wsdrain version` prints it.
+WSDRAIN_GIT_COMMIT=${WSDRAIN_GIT_COMMIT:-$(git describe --always --dirty --abbrev=12 2>/dev/null || true)}
+export WSDRAIN_GIT_COMMIT
+cargo build --locked --profile image --target "$target" --no-default-features --bin wsdrain
 
 bin=${CARGO_TARGET_DIR:-target}/$target/image/wsdrain
 if file "$bin" | grep -q 'dynamically linked'; then
     echo "image-binary: $bin is dynamically linked" >&2
     exit 1
 fi
-"$bin" --version
+"$bin" version >&2
 ls -l "$bin"
 echo "$bin"

@@ -7,11 +7,13 @@ pub mod agent;
 pub mod api;
 pub mod conn;
 pub mod drain;
+#[cfg(feature = "echo")]
 pub mod echo;
 pub mod fleet;
 pub mod http1;
 pub mod inject;
 pub mod kube;
+#[cfg(feature = "lab")]
 pub mod lab;
 pub mod logging;
 pub mod metrics;

@@ -7,7 +7,8 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{
-    Proc, free_port, http, pod_ip, repo_path, signal, venv_python, wait_listening, wsdrain_bin,
+    Proc, free_port, http, pod_ip, repo_path, signal, venv_python, wait_listening, wait_until,
+    wsdrain_bin,
 };
 use nix::sys::signal::Signal;
 
@@ -496,8 +497,14 @@ fn sigterm_is_held_during_the_drain_and_a_second_one_passes_it_on() {
         &[],
     );
     signal(w.proc.pid(), Signal::SIGTERM);
-    // settle-min 8 s: the drain is still running after half a second.
-    std::thread::sleep(Duration::from_millis(500));
+    // settle-min 8 s: the drain is still running half a second in.
+    wait_until("the drain 500 ms in", Duration::from_secs(5), || {
+        let body = http("GET", w.api, "/status", &[]).1;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        v["status"]["elapsed_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms >= 500)
+    });
     let record = std::fs::read_to_string(w.record()).unwrap_or_default();
     assert!(
         !record.contains("SIGTERM"),

@@ -94,6 +94,62 @@ pub fn signal(pid: i32, sig: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("kill");
 }
 
+/// Polls `cond` every 10 ms until it holds; panics naming `what` after `limit`. The way
+/// tests synchronise with a process: on an observable condition, never a fixed sleep.
+pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
+    while !cond() {
+        assert!(
+            Instant::now() < end,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Collects a child's stderr lines in the background (and echoes them with
+/// WSDRAIN_TEST_LOGS set), so a test can wait for a log line.
+#[derive(Clone, Default)]
+pub struct LogTail(std::sync::Arc<std::sync::Mutex<String>>);
+
+impl LogTail {
+    pub fn follow(stderr: impl std::io::Read + Send + 'static) -> LogTail {
+        use std::io::BufRead;
+        let tail = LogTail::default();
+        let text = tail.0.clone();
+        let echo = std::env::var_os("WSDRAIN_TEST_LOGS").is_some();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if echo {
+                    eprintln!("{line}");
+                }
+                let mut text = text.lock().unwrap_or_else(|e| e.into_inner());
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+        tail
+    }
+
+    pub fn contains(&self, needle: &str) -> bool {
+        self.text().contains(needle)
+    }
+
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits until a line containing `needle` was logged; panics after `limit`.
+    pub fn wait_for(&self, needle: &str, limit: Duration) {
+        wait_until(&format!("log line {needle:?}"), limit, || {
+            self.contains(needle)
+        });
+    }
+}
+
 /// Polls until a TCP connect to `addr` succeeds; panics after `limit`.
 pub fn wait_listening(addr: SocketAddr, limit: Duration) {
     let end = Instant::now() + limit;
