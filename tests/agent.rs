@@ -633,18 +633,12 @@ fn five_hundred_clients_get_1012_with_a_hint_paced_over_the_window() {
             .entry((s.close_at - first).as_millis() / 100)
             .or_insert(0) += 1;
     }
-    // 20 ticks of 25 when the machine is idle. A loaded machine (a `make test` next to
-    // builds) delays ticks and the agent re-plans bigger batches for the ticks left:
-    // still paced, as long as no 100 ms take a fifth of the sessions.
     assert!(
-        per_tick.len() >= 10,
+        per_tick.len() >= 15,
         "only {} ticks: {per_tick:?}",
         per_tick.len()
     );
-    assert!(
-        per_tick.values().all(|&n| n <= 100),
-        "a burst: {per_tick:?}"
-    );
+    assert!(per_tick.values().all(|&n| n <= 60), "a burst: {per_tick:?}");
     let hints: std::collections::HashSet<u64> = seen.iter().map(|s| hint_ms(&s.reason)).collect();
     assert!(hints.len() >= 10, "hint varies per batch: {hints:?}");
     // The hook answers within poll (100 ms) + 100 ms of the last connection leaving.
