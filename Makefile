@@ -33,9 +33,13 @@ test: deps
 unit:
 	$(CARGO) test --lib
 
-# The WebSocket frame parser's property tests with 100k cases each instead of 200 (minutes).
-fuzz:
-	PROPTEST_CASES=100000 $(CARGO) test --release --lib proxy::frame
+# Every parser's property tests (frames, agent HTTP, admin answers, AdmissionReview, YAML,
+# annotations, hint templates, durations, peers' /status, sock_diag events) with many
+# more cases than `make test` runs (tens of minutes). FUZZ_CASES=… to change.
+FUZZ_CASES ?= 20000
+fuzz: deps
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release --lib
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release --test inject -- properties
 
 demo: deps
 	$(CARGO) build

@@ -291,7 +291,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(256))]
+        #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(256)))]
 
         /// Any method, path and headers, from anywhere: an answer (never a panic), and
         /// never a drain without the token.
@@ -341,7 +341,9 @@ mod tests {
             st.metrics.clone(),
             st.guard.clone(),
         ));
-        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(48));
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(
+            crate::proptest_cases(48),
+        ));
         let inputs = proptest::collection::vec(any::<u8>(), 0..2048);
         for _ in 0..48 {
             let bytes = inputs.new_tree(&mut runner).unwrap().current();

@@ -24,3 +24,12 @@ pub mod signals;
 pub mod units;
 pub mod webhook;
 pub mod wrap;
+
+/// Property-test cases: `default` in `make test`, `PROPTEST_CASES` in `make fuzz`.
+#[doc(hidden)]
+pub fn proptest_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}

@@ -171,7 +171,7 @@ mod tests {
         use proptest::prelude::*;
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(512))]
+            #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(512)))]
             /// Any string: an answer, never a panic; a parsed value is within range.
             #[test]
             fn duration_never_panics(s in "\\PC{0,24}") {

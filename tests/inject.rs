@@ -821,7 +821,7 @@ mod properties {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig::with_cases(wsdrain::proptest_cases(256)))]
 
         /// Whatever the pod: a decision or an error naming a field, never a panic; a
         /// patch applies, is idempotent, and uninject gives the pod back exactly.

@@ -293,7 +293,7 @@ mod tests {
         use proptest::prelude::*;
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(1024))]
+            #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(1024)))]
             /// Arbitrary bytes from either side: an answer, never a panic.
             #[test]
             fn any_bytes_get_an_answer(body in proptest::collection::vec(any::<u8>(), 0..300)) {

@@ -204,7 +204,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
+        #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(512)))]
         /// Bytes from the kernel are outside input: never a panic or a hang.
         #[test]
         fn any_bytes_classify(data in proptest::collection::vec(any::<u8>(), 0..600)) {

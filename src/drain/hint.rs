@@ -85,7 +85,7 @@ mod tests {
         use proptest::prelude::*;
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(1024))]
+            #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(1024)))]
             /// Any template a user can pass: parsed or refused with a reason, never a
             /// panic; a parsed one renders every delay within the close-frame limit
             /// (the agent checks the largest delay at start).

@@ -397,7 +397,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
+        #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(512)))]
 
         #[test]
         fn any_peer_list_parses_or_names_the_bad_entry(list in "[ -~]{0,200}") {

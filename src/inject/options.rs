@@ -650,7 +650,7 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+            #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(256)))]
 
             /// Any annotations: a result, never a panic; an error names the annotation
             /// and stays short however long the value.

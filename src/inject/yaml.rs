@@ -255,7 +255,7 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+            #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(128)))]
 
             /// Any text: the parts give back the input, and parsing never panics.
             #[test]

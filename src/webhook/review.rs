@@ -451,9 +451,7 @@ mod properties {
 
     proptest! {
         // 256 cases in `make test`; `PROPTEST_CASES=100000` runs longer (fuzzing).
-        #![proptest_config(ProptestConfig::with_cases(
-            std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(256)
-        ))]
+        #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(256)))]
 
         #[test]
         fn arbitrary_bytes_get_an_answer(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
