@@ -202,8 +202,20 @@ async fn route<B>(state: &State, peer: SocketAddr, req: Request<B>) -> Resp {
 
 async fn status_json(state: &State) -> serde_json::Value {
     state.drainer.count().await;
+    let status = state.drainer.status();
+    let mut value = json!(status);
+    // For peers and people: when the drain started, as wall-clock time (RFC 3339).
+    value["draining_since"] = match status.trigger {
+        Some(_) => {
+            let since = std::time::SystemTime::now()
+                .checked_sub(Duration::from_millis(status.elapsed_ms))
+                .and_then(|t| k8s_openapi::jiff::Timestamp::try_from(t).ok());
+            json!(since.map(|t| t.to_string()))
+        }
+        None => serde_json::Value::Null,
+    };
     json!({
-        "status": state.drainer.status(),
+        "status": value,
         "summary": state.drainer.summary(),
     })
 }

@@ -175,7 +175,16 @@ fn clients_ignoring_close_hit_the_deadline() {
     );
     let st = agent.status();
     assert_eq!(st["status"]["state"], "DeadlineExceeded");
+    // Peers and people see when the drain started, as wall-clock time.
+    let since = st["status"]["draining_since"]
+        .as_str()
+        .expect("draining_since");
+    assert!(since.ends_with('Z') && since.len() >= 20, "{since}");
     assert_eq!(agent.metric("wsdrain_forced_remaining"), Some(25.0));
+    assert_eq!(
+        agent.metric("wsdrain_drain_phase{phase=\"deadline_exceeded\"}"),
+        Some(1.0)
+    );
     assert_eq!(agent.metric("wsdrain_drain_state"), Some(5.0));
     drop(holder);
 }
@@ -304,6 +313,7 @@ fn token_guards_the_drain_triggers() {
     assert_eq!(code, 401, "wrong token");
     assert_eq!(agent.get("/readyz").0, 200, "no drain started");
     assert_eq!(agent.status()["status"]["state"], "Serving");
+    assert!(agent.status()["status"]["draining_since"].is_null());
     let (code, body) = http(
         "POST",
         agent.api,
@@ -416,27 +426,9 @@ fn bad_flags_name_the_field_and_exit_nonzero() {
         ),
     ];
     for (args, env, field) in cases {
-        let mut cmd = Command::new(wsdrain_bin());
-        cmd.arg("agent")
-            .args(&args)
-            .envs(env.iter().copied())
-            .env("WSDRAIN_LOG_FORMAT", "text")
-            .env("WSDRAIN_TERMINATION_LOG", "")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
-        let mut agent = Proc::spawn("agent", &mut cmd);
-        // Bounded: an agent that wrongly starts is killed by Proc's Drop, not waited on.
-        let status = agent
-            .wait_timeout(Duration::from_secs(10))
-            .unwrap_or_else(|| panic!("{args:?} {env:?}: the agent started instead of failing"));
-        let mut stderr = String::new();
-        agent
-            .child
-            .stderr
-            .take()
-            .expect("stderr")
-            .read_to_string(&mut stderr)
-            .expect("read stderr");
+        let mut env = env.to_vec();
+        env.push(("WSDRAIN_LOG_FORMAT", "text"));
+        let (status, stderr) = common::failing_agent(&args, &env);
         assert!(!status.success(), "{args:?} {env:?} accepted");
         assert!(stderr.contains(field), "{args:?} {env:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");

@@ -256,26 +256,8 @@ fn a_restarted_agent_resumes_the_drain_with_its_original_deadline() {
     );
 }
 
-/// Runs `wsdrain agent ARGS` that must fail at start; returns (exit code, stderr).
 fn failing_agent(args: &[&str]) -> (Option<i32>, String) {
-    let mut cmd = Command::new(wsdrain_bin());
-    cmd.arg("agent")
-        .args(args)
-        .env("WSDRAIN_TERMINATION_LOG", "")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    let mut agent = Proc::spawn("agent", &mut cmd);
-    let status = agent
-        .wait_timeout(Duration::from_secs(10))
-        .unwrap_or_else(|| panic!("{args:?}: the agent started instead of failing"));
-    let mut stderr = String::new();
-    agent
-        .child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("read stderr");
+    let (status, stderr) = common::failing_agent(args, &[]);
     (status.code(), stderr)
 }
 

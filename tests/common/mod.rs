@@ -269,3 +269,31 @@ pub fn kubernetes_validate(path: &std::path::Path) {
         );
     }
 }
+
+/// Runs `wsdrain agent ARGS` with ENV, which must fail at start (an agent that wrongly
+/// starts is killed after 10 s by `Proc`'s Drop, not waited on); returns its exit status
+/// and stderr.
+#[allow(dead_code)]
+pub fn failing_agent(args: &[&str], env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+    use std::io::Read;
+    let mut cmd = std::process::Command::new(wsdrain_bin());
+    cmd.arg("agent")
+        .args(args)
+        .envs(env.iter().copied())
+        .env("WSDRAIN_TERMINATION_LOG", "")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut agent = Proc::spawn("agent", &mut cmd);
+    let status = agent
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("{args:?} {env:?}: the agent started instead of failing"));
+    let mut stderr = String::new();
+    agent
+        .child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    (status, stderr)
+}
