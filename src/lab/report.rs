@@ -265,7 +265,7 @@ fn opt(v: Option<u64>) -> String {
 /// The demo table: one row per run.
 pub fn table(rows: &[(String, Summary)]) -> String {
     let mut out = format!(
-        "| {:<34} | {:>7} | {:>13} | {:>15} | {:>16} | {:>13} | {:>13} | {:>16} | {:>13} |\n",
+        "| {:<43} | {:>7} | {:>13} | {:>15} | {:>16} | {:>13} | {:>13} | {:>16} | {:>13} |\n",
         "setup",
         "clients",
         "clients reset",
@@ -278,7 +278,7 @@ pub fn table(rows: &[(String, Summary)]) -> String {
     );
     out.push_str(&format!(
         "|{}|{}:|{}:|{}:|{}:|{}:|{}:|{}:|{}:|\n",
-        "-".repeat(36),
+        "-".repeat(45),
         "-".repeat(8),
         "-".repeat(14),
         "-".repeat(16),
@@ -290,7 +290,7 @@ pub fn table(rows: &[(String, Summary)]) -> String {
     ));
     for (label, s) in rows {
         out.push_str(&format!(
-            "| {:<34} | {:>7} | {:>13} | {:>15} | {:>16} | {:>10} ms | {:>10} ms | {:>16} | {:>13} |\n",
+            "| {:<43} | {:>7} | {:>13} | {:>15} | {:>16} | {:>10} ms | {:>10} ms | {:>16} | {:>13} |\n",
             label,
             s.clients,
             s.clients_with_abnormal_close,
