@@ -998,6 +998,17 @@ mod self_managed {
         vec!["wsdrain-webhook.wsdrain.svc".into()]
     }
 
+    /// A new CA and serving certificate, as a first start at `now` makes them.
+    fn fresh_material(now: SystemTime) -> Material {
+        pki::renew(
+            &Material::default(),
+            pki::plan(&Material::default(), &sans(), now),
+            &sans(),
+            now,
+        )
+        .expect("material")
+    }
+
     async fn next(handle: &mut MockHandle) -> (Request<Body>, SendResponse<Response<Body>>) {
         tokio::time::timeout(Duration::from_secs(5), handle.as_mut().next_request())
             .await
@@ -1180,13 +1191,7 @@ mod self_managed {
     async fn second_replica_follows_serves_the_secret_and_writes_nothing() {
         wsdrain::webhook::tls::install_ring();
         let now = SystemTime::now();
-        let stored = pki::renew(
-            &Material::default(),
-            pki::plan(&Material::default(), &sans(), now),
-            &sans(),
-            now,
-        )
-        .expect("material");
+        let stored = fresh_material(now);
         let (mut manager, mut api) = manager("webhook-b");
         let served = stored.clone();
         let server = tokio::spawn(async move {
@@ -1251,13 +1256,7 @@ mod self_managed {
     async fn leader_rotates_the_ca_before_expiry_and_keeps_the_old_one_in_the_bundle() {
         wsdrain::webhook::tls::install_ring();
         let t0 = SystemTime::now();
-        let stored = pki::renew(
-            &Material::default(),
-            pki::plan(&Material::default(), &sans(), t0),
-            &sans(),
-            t0,
-        )
-        .expect("material");
+        let stored = fresh_material(t0);
         // A day into the CA's renewal window, with a serving certificate issued ten days
         // ago (so still usable).
         let now = t0 + pki::CA_LIFETIME - pki::CA_RENEW_BEFORE + Duration::from_secs(86_400);
@@ -1336,13 +1335,7 @@ mod self_managed {
     async fn leader_with_current_certificates_only_renews_the_lease() {
         wsdrain::webhook::tls::install_ring();
         let now = SystemTime::now();
-        let stored = pki::renew(
-            &Material::default(),
-            pki::plan(&Material::default(), &sans(), now),
-            &sans(),
-            now,
-        )
-        .expect("material");
+        let stored = fresh_material(now);
         let (mut manager, mut api) = manager("webhook-a");
         let current = stored.clone();
         let server = tokio::spawn(async move {
