@@ -316,14 +316,7 @@ fn risky_settings_warn_and_logs_on_a_pipe_have_no_colours() {
     agent
         .wait_timeout(Duration::from_secs(10))
         .expect("agent exits");
-    let mut stderr = String::new();
-    agent
-        .child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("read stderr");
+    let stderr = agent.stderr();
     assert!(stderr.contains("--token is empty"), "{stderr}");
     assert!(stderr.contains("not a loopback address"), "{stderr}");
     assert!(

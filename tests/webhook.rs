@@ -1017,6 +1017,23 @@ mod self_managed {
     }
 
     /// The next request must be `method path`; returns its JSON body (Null if none).
+    /// The webhook configuration read with `current` in both webhooks, then the patch
+    /// that puts `bundle` into both (test-guarded), answered as applied.
+    async fn expect_bundle_update(api: &mut MockHandle, current: Option<&str>, bundle: &str) {
+        let (_, send) = expect(api, Method::GET, CONFIG).await;
+        respond(send, 200, &config([current, current]));
+        let (patch, send) = expect(api, Method::PATCH, CONFIG).await;
+        assert_eq!(
+            patch,
+            bundle_patch(
+                &[0, 1],
+                &["pod-label.inject.wsdrain.io", "namespace.inject.wsdrain.io"],
+                bundle
+            )
+        );
+        respond(send, 200, &config([Some(bundle), Some(bundle)]));
+    }
+
     async fn expect(
         handle: &mut MockHandle,
         method: Method,
@@ -1153,22 +1170,7 @@ mod self_managed {
             let written = material_of(&put);
             respond(send, 200, &put);
 
-            let (_, send) = expect(&mut api, Method::GET, CONFIG).await;
-            respond(send, 200, &config([None, None]));
-            let (patch, send) = expect(&mut api, Method::PATCH, CONFIG).await;
-            assert_eq!(
-                patch,
-                bundle_patch(
-                    &[0, 1],
-                    &["pod-label.inject.wsdrain.io", "namespace.inject.wsdrain.io"],
-                    &written.ca_bundle
-                )
-            );
-            respond(
-                send,
-                200,
-                &config([Some(&written.ca_bundle), Some(&written.ca_bundle)]),
-            );
+            expect_bundle_update(&mut api, None, &written.ca_bundle).await;
             written
         });
         let round = round(&mut manager, now).await;
@@ -1293,26 +1295,7 @@ mod self_managed {
             let (put, send) = expect(&mut api, Method::PUT, SECRET).await;
             let written = material_of(&put);
             respond(send, 200, &put);
-            let (_, send) = expect(&mut api, Method::GET, CONFIG).await;
-            respond(
-                send,
-                200,
-                &config([Some(&old.ca_bundle), Some(&old.ca_bundle)]),
-            );
-            let (patch, send) = expect(&mut api, Method::PATCH, CONFIG).await;
-            assert_eq!(
-                patch,
-                bundle_patch(
-                    &[0, 1],
-                    &["pod-label.inject.wsdrain.io", "namespace.inject.wsdrain.io"],
-                    &written.ca_bundle
-                )
-            );
-            respond(
-                send,
-                200,
-                &config([Some(&written.ca_bundle), Some(&written.ca_bundle)]),
-            );
+            expect_bundle_update(&mut api, Some(&old.ca_bundle), &written.ca_bundle).await;
             written
         });
         let round = round(&mut manager, now).await;

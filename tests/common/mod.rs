@@ -68,6 +68,17 @@ impl Proc {
     }
 
     /// Waits for the process to exit by itself, at most `limit`.
+    /// Everything the exited process wrote to its piped stderr.
+    #[allow(dead_code)]
+    pub fn stderr(&mut self) -> String {
+        use std::io::Read;
+        let mut text = String::new();
+        if let Some(mut pipe) = self.child.stderr.take() {
+            pipe.read_to_string(&mut text).expect("read stderr");
+        }
+        text
+    }
+
     pub fn wait_timeout(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let end = Instant::now() + limit;
         while Instant::now() < end {
@@ -275,7 +286,6 @@ pub fn kubernetes_validate(path: &std::path::Path) {
 /// and stderr.
 #[allow(dead_code)]
 pub fn failing_agent(args: &[&str], env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
-    use std::io::Read;
     let mut cmd = std::process::Command::new(wsdrain_bin());
     cmd.arg("agent")
         .args(args)
@@ -287,13 +297,5 @@ pub fn failing_agent(args: &[&str], env: &[(&str, &str)]) -> (std::process::Exit
     let status = agent
         .wait_timeout(Duration::from_secs(10))
         .unwrap_or_else(|| panic!("{args:?} {env:?}: the agent started instead of failing"));
-    let mut stderr = String::new();
-    agent
-        .child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("read stderr");
-    (status, stderr)
+    (status, agent.stderr())
 }
