@@ -60,3 +60,9 @@ if [ ! -d tests/node/node_modules/ws ]; then
   echo "setup: npm install ws"
   (cd tests/node && npm install --silent --no-audit --no-fund >/dev/null)
 fi
+
+# The overlay test renders deploy/ with `kubectl kustomize`. Debian has no kubectl
+# package; the machine images this project runs on ship one. Say so early if missing.
+if ! command -v kubectl >/dev/null; then
+  echo "setup: warning: kubectl not found; tests/webhook.rs renders the kustomize overlays with it" >&2
+fi
