@@ -309,8 +309,34 @@ impl Run<'_> {
             )?;
             new.push(pod);
         }
-        for p in &new {
-            p.wait_ready(Duration::from_secs(10)).await?;
+        for p in &mut new {
+            let mut tries = 1;
+            loop {
+                match p.wait_ready(Duration::from_secs(10)).await {
+                    Ok(()) => break,
+                    // A port picked free was taken before the container bound it (another
+                    // connection's ephemeral port): start the pod again on fresh ports.
+                    Err(LabError::Pod(why))
+                        if tries < 3
+                            && self.cfg.netns.is_none()
+                            && why.contains("Address already in use") =>
+                    {
+                        tries += 1;
+                        self.say(&format!("{}: port taken at start, restarting it", p.name));
+                        let name = p.name.clone();
+                        // The old pod's processes are SIGKILLed when it is dropped here.
+                        *p = Pod::start(
+                            &self.template,
+                            &name,
+                            p.ip,
+                            None,
+                            &self.dir.path,
+                            &self.cfg.run_id,
+                        )?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         }
         let eps: Vec<_> = new.iter().map(Pod::endpoint).collect();
         let slots = self.ingress.add(&eps).await?;
