@@ -210,6 +210,11 @@ impl Timeline {
         self.run.as_ref().map(|r| r.deadline)
     }
 
+    /// The fleet close budget had to yield to the deadline in this drain.
+    pub fn close_rate_yielded(&self) -> bool {
+        self.run.as_ref().is_some_and(|r| r.rate_yielded)
+    }
+
     pub fn summary(&self) -> Option<&Summary> {
         self.run.as_ref().and_then(|r| r.summary.as_ref())
     }
@@ -591,7 +596,7 @@ impl Timeline {
                     .map(|e| ms(e.saturating_duration_since(r.started)))
             }),
             close_rate: self.close_rate,
-            close_rate_yielded: run.is_some_and(|r| r.rate_yielded),
+            close_rate_yielded: self.close_rate_yielded(),
         }
     }
 }

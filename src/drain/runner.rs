@@ -230,7 +230,7 @@ impl Drainer {
             let (action, phase, yielded) = {
                 let mut t = self.timeline();
                 let a = t.next(now());
-                (a, t.phase(), t.status(now()).close_rate_yielded)
+                (a, t.phase(), t.close_rate_yielded())
             };
             parts.observer.phase(phase);
             if yielded && !rate_yielded {
