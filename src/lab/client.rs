@@ -137,7 +137,7 @@ impl Load {
         let _ = self.stop.send(true);
         let mut all = Vec::new();
         for t in self.tasks {
-            if let Ok(Ok(mut recs)) = tokio::time::timeout(Duration::from_secs(5), t).await {
+            if let Ok(Ok(mut recs)) = tokio::time::timeout(Duration::from_secs(10), t).await {
                 all.append(&mut recs);
             }
         }
@@ -239,7 +239,11 @@ impl Client {
                 _ = self.stop.changed() => {}
             }
         }
-        // Messages waiting for a resend when the run ended were never answered.
+        // A client between connections still owes what a clean close left unanswered.
+        if !resend.is_empty() && !self.opts.ignore_close {
+            records.extend(self.deliver_resends(&url, &mut resend, down_since).await);
+        }
+        // What could not be delivered even then was never answered.
         if let Some(last) = records.last_mut() {
             last.lost += resend.len() as u64;
         }
@@ -297,22 +301,7 @@ impl Client {
                     Some(Err(_)) | None => break End::Abnormal,
                 },
                 _ = self.stop.changed() => {
-                    // Collect the last echoes, then close normally.
-                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                        while !outstanding.is_empty() {
-                            match ws.next().await {
-                                Some(Ok(Message::Text(t))) => {
-                                    if let Some(s) = parse_seq(&t) && outstanding.remove(&s) {
-                                        rec.echoed += 1;
-                                    }
-                                }
-                                Some(Ok(_)) => {}
-                                _ => break,
-                            }
-                        }
-                    }).await;
-                    let _ = ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "".into() })).await;
-                    rec.by_client = true;
+                    self.wind_up(&mut ws, rec, &mut outstanding, resend).await;
                     break End::Stopped;
                 }
             }
@@ -326,6 +315,87 @@ impl Client {
             End::Abnormal | End::Stopped => rec.lost = outstanding.len() as u64,
         }
         end
+    }
+
+    /// The end of the run on an open connection: sends what waits for a resend, collects
+    /// the last echoes (bounded), then closes with 1000. Only messages the service never
+    /// answers stay in `outstanding`.
+    async fn wind_up<S>(
+        &self,
+        ws: &mut tokio_tungstenite::WebSocketStream<S>,
+        rec: &mut ConnRecord,
+        outstanding: &mut BTreeSet<u64>,
+        resend: &mut Vec<u64>,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        while let Some(s) = resend.pop() {
+            if ws
+                .send(Message::text(format!("{}:{s}", self.id)))
+                .await
+                .is_err()
+            {
+                resend.push(s);
+                break;
+            }
+            outstanding.insert(s);
+            rec.sent += 1;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while !outstanding.is_empty() {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) => {
+                        if let Some(s) = parse_seq(&t)
+                            && outstanding.remove(&s)
+                        {
+                            rec.echoed += 1;
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    _ => break,
+                }
+            }
+        })
+        .await;
+        let close = ws.close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        }));
+        let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
+        rec.by_client = true;
+    }
+
+    /// The run ended while this client waited to reconnect after a clean close: it
+    /// connects once more to deliver the messages that close left unanswered, so the run's
+    /// end is not mistaken for a loss. `None` when it cannot connect.
+    async fn deliver_resends(
+        &mut self,
+        url: &str,
+        resend: &mut Vec<u64>,
+        down_since: Option<Instant>,
+    ) -> Option<ConnRecord> {
+        let connect = tokio_tungstenite::connect_async(url);
+        let (mut ws, resp) = tokio::time::timeout(Duration::from_secs(2), connect)
+            .await
+            .ok()?
+            .ok()?;
+        let mut rec = ConnRecord {
+            client: self.id,
+            pod: resp
+                .headers()
+                .get(POD_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            opened_ms: self.ms(),
+            reconnect_ms: down_since.map(|d| d.elapsed().as_millis() as u64),
+            ..Default::default()
+        };
+        let mut outstanding = BTreeSet::new();
+        self.wind_up(&mut ws, &mut rec, &mut outstanding, resend)
+            .await;
+        rec.ended_ms = self.ms();
+        rec.lost = outstanding.len() as u64;
+        Some(rec)
     }
 
     /// A client that opens a WebSocket and then never answers anything, not even a
@@ -454,5 +524,77 @@ mod tests {
         r.code = None;
         r.by_client = true;
         assert!(!r.abnormal());
+    }
+
+    /// A server whose first connection swallows one message and closes with a long
+    /// reconnect hint; `second` says whether it accepts again, echoing everything.
+    async fn close_once_then(second: bool) -> (SocketAddr, tokio::sync::oneshot::Receiver<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (closed, closed_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(s).await.unwrap();
+            // Swallow the first message, as a server closing mid-flight does.
+            let _ = ws.next().await;
+            let reason = r#"{"reconnect_after_ms":60000}"#;
+            let close = CloseFrame {
+                code: CloseCode::Restart,
+                reason: reason.into(),
+            };
+            ws.close(Some(close)).await.unwrap();
+            while ws.next().await.is_some() {}
+            let _ = closed.send(());
+            if !second {
+                return;
+            }
+            let (s, _) = listener.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(s).await.unwrap();
+            while let Some(Ok(m)) = ws.next().await {
+                if m.is_text() && ws.send(m).await.is_err() {
+                    break;
+                }
+            }
+        });
+        (addr, closed_rx)
+    }
+
+    async fn stop_while_waiting_to_resend(second: bool) -> Vec<ConnRecord> {
+        let (front, closed) = close_once_then(second).await;
+        let mut load = Load::new(Instant::now());
+        let opts = ClientOpts {
+            front,
+            interval: Duration::from_millis(20),
+            ignore_close: false,
+        };
+        load.add(1, &opts);
+        closed.await.unwrap();
+        // The client now waits 60 s to reconnect; the run ends first.
+        load.stop().await
+    }
+
+    #[tokio::test]
+    async fn the_end_of_the_run_delivers_what_waits_for_a_resend() {
+        let records = stop_while_waiting_to_resend(true).await;
+        assert_eq!(records.len(), 2, "{records:?}");
+        assert_eq!(records[0].code, Some(1012));
+        assert_eq!(records[0].resent, 1, "{records:?}");
+        assert!(
+            records[1].by_client && records[1].echoed == 1,
+            "{records:?}"
+        );
+        assert_eq!(
+            records.iter().map(|r| r.lost).sum::<u64>(),
+            0,
+            "{records:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn what_cannot_be_delivered_at_the_end_is_lost() {
+        let records = stop_while_waiting_to_resend(false).await;
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(records[0].resent, 1);
+        assert_eq!(records[0].lost, 1, "{records:?}");
     }
 }

@@ -72,8 +72,59 @@ class Client:
             else:
                 delay = 100 + random.randint(0, 100)
             await self.pause(delay)
+        # A client between connections still owes what a clean close left unanswered.
+        if self.resend:
+            await self.deliver_resends(down_since)
+        # What could not be delivered even then was never answered.
         if self.records:
             self.records[-1]["lost"] += len(self.resend)
+
+    async def deliver_resends(self, down_since):
+        """The run ended while this client waited to reconnect after a clean close: it
+        connects once more to deliver what that close left unanswered."""
+        try:
+            ws = await asyncio.wait_for(websockets.connect(self.args.url, open_timeout=2), 3)
+        except (OSError, asyncio.TimeoutError, websockets.exceptions.WebSocketException):
+            return
+        rec = {
+            "client": self.cid,
+            "pod": ws.response.headers.get(POD_HEADER),
+            "opened_ms": self.ms(),
+            "reconnect_ms": None if down_since is None else int((time.monotonic() - down_since) * 1000),
+            "code": None, "reason": "", "hint_ms": None, "by_client": False,
+            "sent": 0, "echoed": 0, "lost": 0, "resent": 0, "ignores_close": False,
+        }
+        await self.wind_up(ws, rec, set())
+        rec["ended_ms"] = self.ms()
+        self.records.append(rec)
+
+    async def wind_up(self, ws, rec, outstanding):
+        """The end of the run on an open connection: send what waits for a resend, collect
+        the last echoes (bounded), close with 1000. Only what is never answered is lost."""
+        try:
+            while self.resend:
+                s = self.resend.pop()
+                outstanding.add(s)
+                await ws.send(f"{self.cid}:{s}")
+                rec["sent"] += 1
+        except ConnectionClosed:
+            pass
+        deadline = time.monotonic() + 2
+        try:
+            while outstanding and time.monotonic() < deadline:
+                msg = await asyncio.wait_for(ws.recv(), deadline - time.monotonic())
+                s = int(str(msg).rsplit(":", 1)[1])
+                if s in outstanding:
+                    outstanding.discard(s)
+                    rec["echoed"] += 1
+        except (ConnectionClosed, asyncio.TimeoutError):
+            pass
+        try:
+            await asyncio.wait_for(ws.close(1000), 1)
+        except asyncio.TimeoutError:
+            pass
+        rec["by_client"] = True
+        rec["lost"] = len(outstanding)
 
     async def pause(self, ms):
         try:
@@ -114,19 +165,7 @@ class Client:
             if t not in done:
                 t.cancel()
         if stop_task in done:
-            deadline = time.monotonic() + 1
-            try:
-                while outstanding and time.monotonic() < deadline:
-                    msg = await asyncio.wait_for(ws.recv(), deadline - time.monotonic())
-                    s = int(str(msg).rsplit(":", 1)[1])
-                    if s in outstanding:
-                        outstanding.discard(s)
-                        rec["echoed"] += 1
-            except (ConnectionClosed, asyncio.TimeoutError):
-                pass
-            await ws.close(1000)
-            rec["by_client"] = True
-            rec["lost"] = len(outstanding)
+            await self.wind_up(ws, rec, outstanding)
             return "stopped"
         await ws.wait_closed()
         # websockets keeps the peer's close frame in protocol.close_rcvd; None means no close frame (1006).
