@@ -81,14 +81,12 @@ pub const MAX_CONNECTIONS: usize = 32;
 
 /// Serves the API on `listener` until the process ends.
 pub async fn serve(listener: TcpListener, drainer: Drainer, metrics: Arc<Metrics>, guard: Guard) {
-    serve_with(
-        listener,
-        drainer,
-        metrics,
-        guard,
-        Slots::new(MAX_CONNECTIONS),
-    )
-    .await
+    let slots = Slots::counted(
+        MAX_CONNECTIONS,
+        metrics.api_evicted.clone(),
+        metrics.api_shed.clone(),
+    );
+    serve_with(listener, drainer, metrics, guard, slots).await
 }
 
 /// `serve` with an explicit connection table (tests read its counters).

@@ -48,6 +48,10 @@ pub struct Metrics {
     pub kube_failures: Gauge,
     pub vanished: Counter,
     pub rebalance_closes: Counter,
+    /// Idle API connections closed to make room for a new one (`net::Slots`).
+    pub api_evicted: Counter,
+    /// New API connections refused because every slot had a request in flight.
+    pub api_shed: Counter,
     /// Proxy mode's totals (sessions, drained, bad frames, …), copied from the proxy.
     pub proxy_events: Family<EventLabel, Gauge>,
 }
@@ -73,6 +77,8 @@ impl Metrics {
             kube_failures: Gauge::default(),
             vanished: Counter::default(),
             rebalance_closes: Counter::default(),
+            api_evicted: Counter::default(),
+            api_shed: Counter::default(),
             proxy_events: Family::default(),
             registry: Registry::default(),
         };
@@ -137,6 +143,16 @@ impl Metrics {
             "rebalance_closes",
             "Sessions closed to move clients to less loaded pods",
             m.rebalance_closes.clone(),
+        );
+        registry.register(
+            "api_connections_evicted",
+            "Idle agent API connections closed to make room at the connection cap",
+            m.api_evicted.clone(),
+        );
+        registry.register(
+            "api_connections_shed",
+            "New agent API connections refused because every slot had a request in flight",
+            m.api_shed.clone(),
         );
         registry.register(
             "proxy_events",

@@ -3,10 +3,10 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio_util::sync::CancellationToken;
 
 use bytes::Bytes;
@@ -99,8 +99,9 @@ async fn accept_with(listener: &TcpListener, slots: Option<&Slots>) -> (TcpStrea
 pub struct Slots {
     cap: usize,
     table: Mutex<Table>,
-    evicted: AtomicU64,
-    shed: AtomicU64,
+    /// Shared with the metrics registry when the server exports them.
+    evicted: Counter,
+    shed: Counter,
 }
 
 #[derive(Default)]
@@ -130,11 +131,16 @@ pub struct Busy {
 
 impl Slots {
     pub fn new(cap: usize) -> Arc<Slots> {
+        Slots::counted(cap, Counter::default(), Counter::default())
+    }
+
+    /// A table that counts its evictions and sheddings into these (exported) counters.
+    pub fn counted(cap: usize, evicted: Counter, shed: Counter) -> Arc<Slots> {
         Arc::new(Slots {
             cap: cap.max(1),
             table: Mutex::new(Table::default()),
-            evicted: AtomicU64::new(0),
-            shed: AtomicU64::new(0),
+            evicted,
+            shed,
         })
     }
 
@@ -147,7 +153,7 @@ impl Slots {
         Self::evict(&mut self.table(), &self.evicted)
     }
 
-    fn evict(t: &mut Table, evicted: &AtomicU64) -> bool {
+    fn evict(t: &mut Table, evicted: &Counter) -> bool {
         let oldest_idle = t
             .live
             .iter()
@@ -156,7 +162,7 @@ impl Slots {
         match oldest_idle.and_then(|id| t.live.remove(&id)) {
             Some(victim) => {
                 victim.close.cancel();
-                evicted.fetch_add(1, Ordering::Relaxed);
+                evicted.inc();
                 true
             }
             None => false,
@@ -168,7 +174,7 @@ impl Slots {
     pub fn admit(self: &Arc<Self>) -> Option<Slot> {
         let mut t = self.table();
         if t.live.len() >= self.cap && !Self::evict(&mut t, &self.evicted) {
-            self.shed.fetch_add(1, Ordering::Relaxed);
+            self.shed.inc();
             return None;
         }
         let id = t.next_id;
@@ -195,12 +201,12 @@ impl Slots {
 
     /// Idle connections closed to make room, so far.
     pub fn evicted(&self) -> u64 {
-        self.evicted.load(Ordering::Relaxed)
+        self.evicted.get()
     }
 
     /// New connections refused because every slot was busy, so far.
     pub fn shed(&self) -> u64 {
-        self.shed.load(Ordering::Relaxed)
+        self.shed.get()
     }
 }
 

@@ -141,6 +141,21 @@ fn idle_api_flood_under_a_low_fd_limit_keeps_probes_and_hooks_answered() {
         closed >= FLOOD - CAP - 8,
         "only {closed} of {FLOOD} idle connections were closed by the agent"
     );
+    // The evictions are exported, so an operator sees the flood.
+    let metrics = timed("GET", api, "/metrics").2;
+    let evicted: usize = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("wsdrain_api_connections_evicted_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no eviction counter: {metrics}"));
+    assert!(
+        evicted >= closed,
+        "{evicted} evictions exported, {closed} seen"
+    );
+    assert!(
+        metrics.contains("wsdrain_api_connections_shed_total 0"),
+        "{metrics}"
+    );
 
     // The hook: no app connections, so the drain ends at once and the hook is answered.
     let (code, took, body) = timed("GET", api, "/prestop");
