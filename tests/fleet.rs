@@ -5,9 +5,10 @@
 
 mod common;
 
+use common::kube_api::{self, next, respond};
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,7 +19,6 @@ use http_body_util::Full;
 use kube::client::Body;
 use prometheus_client::metrics::counter::Counter;
 use serde_json::{Value, json};
-use tower_test::mock::{self, Handle, SendResponse};
 
 use wsdrain::agent::config::PodRef;
 use wsdrain::drain::hint::HintTemplate;
@@ -32,8 +32,6 @@ use wsdrain::fleet::peers::{SliceWatch, peers_from_slices};
 use wsdrain::fleet::rebalance::Settings;
 use wsdrain::fleet::{Closing, DrainView, FleetConfig, Links, Source};
 use wsdrain::kube::PodLink;
-
-type MockHandle = Handle<Request<Body>, Response<Body>>;
 
 // ---- EndpointSlices through the reflector ---------------------------------------------
 
@@ -51,22 +49,6 @@ fn slice(name: &str, endpoints: Value) -> Value {
 fn ep(ip: &str, pod: &str, ready: bool, terminating: bool) -> Value {
     json!({"addresses": [ip], "conditions": {"ready": ready, "terminating": terminating},
            "targetRef": {"kind": "Pod", "name": pod, "namespace": "chat"}})
-}
-
-fn respond(send: SendResponse<Response<Body>>, code: u16, body: &Value) {
-    let resp = Response::builder()
-        .status(code)
-        .header("content-type", "application/json")
-        .body(Body::from(serde_json::to_vec(body).unwrap()))
-        .unwrap();
-    send.send_response(resp);
-}
-
-async fn next(handle: &mut Pin<Box<MockHandle>>) -> (Request<Body>, SendResponse<Response<Body>>) {
-    tokio::time::timeout(Duration::from_secs(5), handle.as_mut().next_request())
-        .await
-        .expect("no request within 5s")
-        .expect("client dropped")
 }
 
 fn query(uri: &str) -> Vec<String> {
@@ -101,9 +83,8 @@ fn peer_urls(watch: &SliceWatch) -> Vec<(String, bool)> {
 
 #[tokio::test]
 async fn endpoint_slices_of_the_service_are_listed_then_watched() {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let mut handle = Box::pin(handle);
-    let watch = SliceWatch::start(kube::Client::new(service, "default"), "chat", "ws");
+    let (client, mut handle) = kube_api::client();
+    let watch = SliceWatch::start(client, "chat", "ws");
 
     let (req, send) = next(&mut handle).await;
     assert_eq!(req.method(), Method::GET);
@@ -191,9 +172,8 @@ async fn endpoint_slices_of_the_service_are_listed_then_watched() {
 
 #[tokio::test]
 async fn a_forbidden_list_leaves_no_peers_and_is_retried() {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let mut handle = Box::pin(handle);
-    let watch = SliceWatch::start(kube::Client::new(service, "default"), "chat", "ws");
+    let (client, mut handle) = kube_api::client();
+    let watch = SliceWatch::start(client, "chat", "ws");
     let (req, send) = next(&mut handle).await;
     assert_eq!(req.uri().to_string(), LIST);
     respond(
@@ -518,14 +498,12 @@ async fn draining_pods_share_the_fleet_close_budget() {
 
 #[tokio::test]
 async fn a_rebalance_publishes_a_rebalanced_event_and_counts_its_closes() {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let mut handle = Box::pin(handle);
+    let (client, mut handle) = kube_api::client();
     let pod = PodRef {
         name: "ws-0".into(),
         namespace: "chat".into(),
     };
-    let link = PodLink::new(kube::Client::new(service, "default"), pod, false)
-        .with_call_timeout(Duration::from_millis(500));
+    let link = PodLink::new(client, pod, false).with_call_timeout(Duration::from_millis(500));
     let a = fake_peer(serving(10)).await;
     let s = start_with(&[&a], 60, true, None, Some(Arc::new(link)));
     // The Event's uid lookup, then the Event, once the window is over.

@@ -4,14 +4,14 @@
 
 mod common;
 
-use std::pin::Pin;
+use common::kube_api::{self, Api, next, respond};
+
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 use kube::client::Body;
 use serde_json::{Value, json};
-use tower_test::mock::{self, Handle, SendResponse};
 
 use wsdrain::drain::report::{Notice, Outcome, Summary, Trigger};
 use wsdrain::kube::PodRef;
@@ -19,8 +19,6 @@ use wsdrain::kube::{
     Call, Kind, MAX_TERMINATION_MESSAGE, PodLink, kill_instant, termination_message,
     write_termination_message,
 };
-
-type MockHandle = Handle<Request<Body>, Response<Body>>;
 
 const NS: &str = "chat";
 const POD: &str = "ws-7d9f-abcde";
@@ -34,12 +32,11 @@ fn pod_ref() -> PodRef {
     }
 }
 
-fn mock_link(readiness_gate: bool) -> (PodLink, Pin<Box<MockHandle>>) {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(service, "default");
+fn mock_link(readiness_gate: bool) -> (PodLink, Api) {
+    let (client, handle) = kube_api::client();
     let link = PodLink::new(client, pod_ref(), readiness_gate)
         .with_call_timeout(Duration::from_millis(300));
-    (link, Box::pin(handle))
+    (link, handle)
 }
 
 fn pod_json(deletion: Option<&str>) -> Value {
@@ -52,25 +49,9 @@ fn pod_json(deletion: Option<&str>) -> Value {
             "spec": { "containers": [{ "name": "app", "image": "app" }] } })
 }
 
-fn respond(send: SendResponse<Response<Body>>, code: u16, body: &Value) {
-    let resp = Response::builder()
-        .status(code)
-        .header("content-type", "application/json")
-        .body(Body::from(serde_json::to_vec(body).unwrap()))
-        .unwrap();
-    send.send_response(resp);
-}
-
 fn status_json(code: u16, reason: &str) -> Value {
     json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure",
             "message": format!("mock {code}"), "reason": reason, "code": code })
-}
-
-async fn next(handle: &mut Pin<Box<MockHandle>>) -> (Request<Body>, SendResponse<Response<Body>>) {
-    tokio::time::timeout(Duration::from_secs(5), handle.as_mut().next_request())
-        .await
-        .expect("no request within 5s")
-        .expect("client dropped")
 }
 
 async fn json_body(req: Request<Body>) -> Value {
@@ -272,12 +253,7 @@ async fn set_serving_without_gate_sends_nothing() {
 
 // ---- events ---------------------------------------------------------------------------
 
-async fn expect_event(
-    handle: &mut Pin<Box<MockHandle>>,
-    type_: &str,
-    reason: &str,
-    note_has: &[&str],
-) {
+async fn expect_event(handle: &mut Api, type_: &str, reason: &str, note_has: &[&str]) {
     let (req, send) = next(handle).await;
     assert_eq!(req.method(), Method::POST);
     assert_eq!(

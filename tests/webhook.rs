@@ -958,30 +958,27 @@ fn missing_or_bad_certificate_files_fail_at_start_with_a_message() {
 // ---- --self-managed against kube's tower-test mock API ----------------------------------
 
 mod self_managed {
-    use std::pin::Pin;
+    use crate::common::kube_api::{self, Api, next, respond};
     use std::time::{Duration, SystemTime};
 
     use base64::prelude::{BASE64_STANDARD, Engine as _};
-    use http::{Method, Request, Response};
+    use http::{Method, Response};
     use http_body_util::BodyExt;
     use kube::client::Body;
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     use serde_json::{Value, json};
-    use tower_test::mock::{self, Handle, SendResponse};
+    use tower_test::mock::SendResponse;
     use wsdrain::webhook::pki::{self, Material};
     use wsdrain::webhook::self_managed::{Manager, Names, Round};
-
-    type MockHandle = Pin<Box<Handle<Request<Body>, Response<Body>>>>;
 
     const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/wsdrain/leases/wsdrain-webhook";
     const SECRET: &str = "/api/v1/namespaces/wsdrain/secrets/wsdrain-webhook-tls";
     const CONFIG: &str =
         "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/wsdrain";
 
-    fn manager(identity: &str) -> (Manager, MockHandle) {
-        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let client = kube::Client::new(service, "default");
+    fn manager(identity: &str) -> (Manager, Api) {
+        let (client, handle) = kube_api::client();
         let names = Names {
             namespace: "wsdrain".into(),
             secret: "wsdrain-webhook-tls".into(),
@@ -990,7 +987,7 @@ mod self_managed {
             identity: identity.into(),
             sans: sans(),
         };
-        (Manager::new(client, names), Box::pin(handle))
+        (Manager::new(client, names), handle)
     }
 
     /// The serving certificate's names, the same in stored material and in the flags.
@@ -1009,17 +1006,10 @@ mod self_managed {
         .expect("material")
     }
 
-    async fn next(handle: &mut MockHandle) -> (Request<Body>, SendResponse<Response<Body>>) {
-        tokio::time::timeout(Duration::from_secs(5), handle.as_mut().next_request())
-            .await
-            .expect("a request within 5 s")
-            .expect("client alive")
-    }
-
     /// The next request must be `method path`; returns its JSON body (Null if none).
     /// The webhook configuration read with `current` in both webhooks, then the patch
     /// that puts `bundle` into both (test-guarded), answered as applied.
-    async fn expect_bundle_update(api: &mut MockHandle, current: Option<&str>, bundle: &str) {
+    async fn expect_bundle_update(api: &mut Api, current: Option<&str>, bundle: &str) {
         let (_, send) = expect(api, Method::GET, CONFIG).await;
         respond(send, 200, &config([current, current]));
         let (patch, send) = expect(api, Method::PATCH, CONFIG).await;
@@ -1035,7 +1025,7 @@ mod self_managed {
     }
 
     async fn expect(
-        handle: &mut MockHandle,
+        handle: &mut Api,
         method: Method,
         path: &str,
     ) -> (Value, SendResponse<Response<Body>>) {
@@ -1061,16 +1051,6 @@ mod self_managed {
             body = json!({"contentType": content_type, "query": query, "patch": body});
         }
         (body, send)
-    }
-
-    fn respond(send: SendResponse<Response<Body>>, code: u16, body: &Value) {
-        send.send_response(
-            Response::builder()
-                .status(code)
-                .header("content-type", "application/json")
-                .body(Body::from(serde_json::to_vec(body).expect("json")))
-                .expect("response"),
-        );
     }
 
     fn lease(holder: Option<&str>, renewed: SystemTime) -> Value {
@@ -1355,14 +1335,14 @@ mod self_managed {
 // ---- wsdrain_drains_total from the agents' Events, against the mock API --------------------
 
 mod drain_events {
+    use crate::common::kube_api;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use http::{Method, Request, Response};
+    use http::{Method, Response};
     use kube::client::Body;
     use serde_json::{Value, json};
     use tokio_util::sync::CancellationToken;
-    use tower_test::mock;
     use wsdrain::webhook::metrics::Metrics;
 
     fn event(uid: &str, reason: &str, pod: &str, series: Option<i32>) -> Value {
@@ -1393,9 +1373,7 @@ mod drain_events {
 
     #[tokio::test]
     async fn finished_drains_are_counted_by_workload_and_outcome_after_the_baseline() {
-        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let mut handle = Box::pin(handle);
-        let client = kube::Client::new(service, "default");
+        let (client, mut handle) = kube_api::client();
         let metrics = Arc::new(Metrics::new());
         let stop = CancellationToken::new();
         let counting = tokio::spawn(wsdrain::webhook::drains::count(

@@ -2,6 +2,8 @@
 //! loopback address (one "pod" each), find free ports, wait for readiness.
 #![allow(dead_code)]
 
+pub mod kube_api;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
