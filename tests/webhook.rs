@@ -1024,6 +1024,16 @@ mod self_managed {
         respond(send, 200, &config([Some(bundle), Some(bundle)]));
     }
 
+    /// The lease read (held by `holder`, renewed at `renewed`) and this replica's write of
+    /// it, answered as applied; returns what was written.
+    async fn lease_exchange(api: &mut Api, holder: Option<&str>, renewed: SystemTime) -> Value {
+        let (_, send) = expect(api, Method::GET, LEASE).await;
+        respond(send, 200, &lease(holder, renewed));
+        let (put, send) = expect(api, Method::PUT, LEASE).await;
+        respond(send, 200, &put);
+        put
+    }
+
     async fn expect(
         handle: &mut Api,
         method: Method,
@@ -1133,15 +1143,12 @@ mod self_managed {
         let (mut manager, mut api) = manager("webhook-a");
         let now = SystemTime::now();
         let server = tokio::spawn(async move {
-            let (_, send) = expect(&mut api, Method::GET, LEASE).await;
-            respond(send, 200, &lease(None, now));
-            let (put, send) = expect(&mut api, Method::PUT, LEASE).await;
+            let put = lease_exchange(&mut api, None, now).await;
             assert_eq!(put["metadata"]["resourceVersion"], "1", "compare-and-swap");
             assert_eq!(put["spec"]["holderIdentity"], "webhook-a");
             assert_eq!(put["spec"]["leaseDurationSeconds"], 30);
             assert_eq!(put["spec"]["leaseTransitions"], 1);
             assert!(put["spec"]["renewTime"].is_string() && put["spec"]["acquireTime"].is_string());
-            respond(send, 200, &put);
 
             let (_, send) = expect(&mut api, Method::GET, SECRET).await;
             respond(send, 200, &secret(&Material::default()));
@@ -1257,19 +1264,13 @@ mod self_managed {
         let (mut manager, mut api) = manager("webhook-a");
         let old = stored.clone();
         let server = tokio::spawn(async move {
-            let (_, send) = expect(&mut api, Method::GET, LEASE).await;
-            respond(
-                send,
-                200,
-                &lease(Some("webhook-a"), now - Duration::from_secs(10)),
-            );
-            let (put, send) = expect(&mut api, Method::PUT, LEASE).await;
+            let put =
+                lease_exchange(&mut api, Some("webhook-a"), now - Duration::from_secs(10)).await;
             assert_eq!(put["spec"]["holderIdentity"], "webhook-a");
             assert_eq!(
                 put["spec"]["leaseTransitions"], 1,
                 "a renewal is no transition"
             );
-            respond(send, 200, &put);
             let (_, send) = expect(&mut api, Method::GET, SECRET).await;
             respond(send, 200, &secret(&old));
             let (put, send) = expect(&mut api, Method::PUT, SECRET).await;
@@ -1302,14 +1303,7 @@ mod self_managed {
         let (mut manager, mut api) = manager("webhook-a");
         let current = stored.clone();
         let server = tokio::spawn(async move {
-            let (_, send) = expect(&mut api, Method::GET, LEASE).await;
-            respond(
-                send,
-                200,
-                &lease(Some("webhook-a"), now - Duration::from_secs(10)),
-            );
-            let (put, send) = expect(&mut api, Method::PUT, LEASE).await;
-            respond(send, 200, &put);
+            lease_exchange(&mut api, Some("webhook-a"), now - Duration::from_secs(10)).await;
             let (_, send) = expect(&mut api, Method::GET, SECRET).await;
             respond(send, 200, &secret(&current));
             let (_, send) = expect(&mut api, Method::GET, CONFIG).await;
