@@ -39,6 +39,17 @@ class Client:
     def ms(self):
         return int((time.monotonic() - self.t0) * 1000) + self.args.epoch_ms
 
+    def record(self, ws, down_since):
+        """The record of a connection just opened (the lab's ConnRecord)."""
+        return {
+            "client": self.cid,
+            "pod": ws.response.headers.get(POD_HEADER),
+            "opened_ms": self.ms(),
+            "reconnect_ms": None if down_since is None else int((time.monotonic() - down_since) * 1000),
+            "code": None, "reason": "", "hint_ms": None, "by_client": False,
+            "sent": 0, "echoed": 0, "lost": 0, "resent": 0, "ignores_close": False,
+        }
+
     async def run(self):
         down_since, attempt = None, 0
         while not self.stop.is_set():
@@ -49,14 +60,7 @@ class Client:
                 await self.pause(min(100 * 2 ** min(attempt, 4), 1600) + random.randint(0, 100))
                 continue
             attempt = 0
-            rec = {
-                "client": self.cid,
-                "pod": ws.response.headers.get(POD_HEADER),
-                "opened_ms": self.ms(),
-                "reconnect_ms": None if down_since is None else int((time.monotonic() - down_since) * 1000),
-                "code": None, "reason": "", "hint_ms": None, "by_client": False,
-                "sent": 0, "echoed": 0, "lost": 0, "resent": 0, "ignores_close": False,
-            }
+            rec = self.record(ws, down_since)
             self.connected[0] += 1
             end = await self.session(ws, rec)
             self.connected[0] -= 1
@@ -86,14 +90,7 @@ class Client:
             ws = await asyncio.wait_for(websockets.connect(self.args.url, open_timeout=2), 3)
         except (OSError, asyncio.TimeoutError, websockets.exceptions.WebSocketException):
             return
-        rec = {
-            "client": self.cid,
-            "pod": ws.response.headers.get(POD_HEADER),
-            "opened_ms": self.ms(),
-            "reconnect_ms": None if down_since is None else int((time.monotonic() - down_since) * 1000),
-            "code": None, "reason": "", "hint_ms": None, "by_client": False,
-            "sent": 0, "echoed": 0, "lost": 0, "resent": 0, "ignores_close": False,
-        }
+        rec = self.record(ws, down_since)
         await self.wind_up(ws, rec, set())
         rec["ended_ms"] = self.ms()
         self.records.append(rec)
