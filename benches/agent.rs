@@ -22,6 +22,8 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use common::bench::{machine, pick_binary};
+
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -200,23 +202,6 @@ fn main() {
     );
 }
 
-/// The binary to measure and a label saying which build it is.
-fn pick_binary() -> (PathBuf, &'static str) {
-    if let Some(bin) = std::env::var_os("WSDRAIN_BENCH_BIN") {
-        return (PathBuf::from(bin), "WSDRAIN_BENCH_BIN, build type as given");
-    }
-    // This bench runs from <target>/<profile>/deps/agent-HASH.
-    let target = std::env::current_exe()
-        .ok()
-        .and_then(|p| Some(p.parent()?.parent()?.parent()?.to_path_buf()))
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
-    let release = target.join("release/wsdrain");
-    if release.exists() {
-        return (release, "release build");
-    }
-    (target.join("debug/wsdrain"), "debug build")
-}
-
 /// A build with the echo app: `WSDRAIN_BENCH_FULL_BIN`, else the measured binary.
 fn echo_binary(bin: &Path) -> PathBuf {
     std::env::var_os("WSDRAIN_BENCH_FULL_BIN").map_or_else(|| bin.to_path_buf(), PathBuf::from)
@@ -293,18 +278,6 @@ fn idle_rss(path: &Path, is_floor: bool) -> (u64, u64) {
 
 fn mib_bytes(bytes: u64) -> String {
     format!("{:.2} MB", bytes as f64 / 1e6)
-}
-
-fn machine() -> String {
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    format!(
-        "{} cpus, load average {}",
-        thread::available_parallelism().map_or(0, |n| n.get()),
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
-    )
 }
 
 fn ms(d: Duration) -> f64 {

@@ -24,6 +24,8 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use common::bench::{machine, pick_binary};
+
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -605,31 +607,4 @@ fn spawn(name: &str, core: Option<&str>, cmd: &mut Command) -> Proc {
     }
     cmd.stderr(Stdio::null()).stdout(Stdio::null());
     Proc::spawn(name, &mut cmd)
-}
-
-fn pick_binary() -> (PathBuf, &'static str) {
-    if let Some(bin) = std::env::var_os("WSDRAIN_BENCH_BIN") {
-        return (PathBuf::from(bin), "WSDRAIN_BENCH_BIN, build type as given");
-    }
-    let target = std::env::current_exe()
-        .ok()
-        .and_then(|p| Some(p.parent()?.parent()?.parent()?.to_path_buf()))
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
-    let release = target.join("release/wsdrain");
-    if release.exists() {
-        return (release, "release build");
-    }
-    (target.join("debug/wsdrain"), "debug build")
-}
-
-fn machine() -> String {
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    format!(
-        "{} cpus, load average {}",
-        thread::available_parallelism().map_or(0, |n| n.get()),
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
-    )
 }

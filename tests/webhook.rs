@@ -1034,6 +1034,12 @@ mod self_managed {
         put
     }
 
+    /// Once the manager is gone, the mock API received nothing more.
+    async fn no_more_requests(mut api: Api, manager: Manager, why: &str) {
+        drop(manager);
+        assert!(api.as_mut().next_request().await.is_none(), "{why}");
+    }
+
     async fn expect(
         handle: &mut Api,
         method: Method,
@@ -1195,14 +1201,10 @@ mod self_managed {
             api
         });
         let round = round(&mut manager, now).await;
-        let mut api = server.await.expect("mock server");
+        let api = server.await.expect("mock server");
         assert!(!round.leader);
         assert_eq!(round.material, stored);
-        drop(manager);
-        assert!(
-            api.as_mut().next_request().await.is_none(),
-            "a follower writes nothing"
-        );
+        no_more_requests(api, manager, "a follower writes nothing").await;
     }
 
     #[tokio::test]
@@ -1232,13 +1234,9 @@ mod self_managed {
             api
         });
         let round = round(&mut manager, now).await;
-        let mut api = server.await.expect("mock server");
+        let api = server.await.expect("mock server");
         assert!(!round.leader);
-        drop(manager);
-        assert!(
-            api.as_mut().next_request().await.is_none(),
-            "no writes after a lost race"
-        );
+        no_more_requests(api, manager, "no writes after a lost race").await;
     }
 
     #[tokio::test]
@@ -1315,14 +1313,10 @@ mod self_managed {
             api
         });
         let round = round(&mut manager, now).await;
-        let mut api = server.await.expect("mock server");
+        let api = server.await.expect("mock server");
         assert!(round.leader);
         assert_eq!(round.material, stored);
-        drop(manager);
-        assert!(
-            api.as_mut().next_request().await.is_none(),
-            "nothing to write"
-        );
+        no_more_requests(api, manager, "nothing to write").await;
     }
 }
 

@@ -2,6 +2,7 @@
 //! loopback address (one "pod" each), find free ports, wait for readiness.
 #![allow(dead_code)]
 
+pub mod bench;
 pub mod kube_api;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
