@@ -23,6 +23,8 @@ import sys
 import time
 
 from websockets.asyncio.client import connect
+
+import closes as closes_mod
 from websockets.exceptions import ConnectionClosed
 
 CONNECT_PARALLEL = 100
@@ -100,24 +102,14 @@ async def main():
 
     ready_at = time.monotonic()
     print("READY", flush=True)
-    closes = []
 
-    async def watch(s):
+    async def closed(s):
         await s.task
-        await s.ws.wait_closed()
-        at_ms = max(0, round((time.monotonic() - ready_at) * 1000))
-        closes.append({"code": s.ws.close_code, "reason": s.ws.close_reason or "", "at_ms": at_ms})
+        return s.ws
 
-    watchers = [asyncio.ensure_future(watch(s)) for s in sessions]
-    still_open = 0
-    if watchers:
-        _, waiting = await asyncio.wait(watchers, timeout=timeout)
-        still_open = len(waiting)
-        for task in waiting:
-            task.cancel()
+    closes, still_open = await closes_mod.collect([closed(s) for s in sessions], ready_at, timeout)
     for s in sessions:
         s.ws.transport.abort()
-    closes.sort(key=lambda c: c["at_ms"])
     if len(errors) > MAX_ERRORS:
         errors = errors[:MAX_ERRORS] + [f"... {len(errors) - MAX_ERRORS} more"]
     print(

@@ -29,6 +29,8 @@ import sys
 import time
 
 from websockets.asyncio.client import connect
+
+import closes as closes_mod
 from websockets.frames import Opcode
 
 # Connect in small waves so thousands of clients don't hit the accept queue at once.
@@ -113,24 +115,10 @@ async def main():
     ready_at = time.monotonic()
     print("READY", flush=True)
 
-    closes = []
-
-    async def watch(ws):
-        await ws.wait_closed()
-        at_ms = max(0, round((time.monotonic() - ready_at) * 1000))
-        closes.append({"code": ws.close_code, "reason": ws.close_reason or "", "at_ms": at_ms})
-
-    watchers = [asyncio.ensure_future(watch(ws)) for ws in conns]
-    still_open = 0
-    if watchers:
-        _, waiting = await asyncio.wait(watchers, timeout=timeout)
-        still_open = len(waiting)
-        for task in waiting:
-            task.cancel()
+    closes, still_open = await closes_mod.collect([asyncio.sleep(0, ws) for ws in conns], ready_at, timeout)
     for ws in conns:
         ws.transport.abort()
 
-    closes.sort(key=lambda c: c["at_ms"])
     if len(errors) > MAX_ERRORS:
         errors = errors[:MAX_ERRORS] + [f"... {len(errors) - MAX_ERRORS} more"]
     print(
