@@ -18,6 +18,9 @@
 //! in `Waiting` the connections are closed at a random point of its poll cycle. The
 //! figure is the time from that close to the /prestop answer. `--poll 1s` (what Istio and
 //! Envoy Gateway do) runs its rounds concurrently so it costs seconds, not minutes.
+//!
+//! `WSDRAIN_BENCH_ONLY=event,footprint` (say) measures only those sections: `release`,
+//! `event`, `flood`, `footprint`, `memory`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -65,130 +68,140 @@ fn main() {
         ("100ms", Duration::from_millis(100)),
         ("50ms", Duration::from_millis(50)),
     ];
-    let mut measured = Vec::new();
-    for (flag, poll) in fast {
-        let lat = sequential_rounds(&bin, flag, poll);
-        println!("  release --poll {flag:<5}: {}", lat.line());
-        measured.push(lat);
-    }
-    let slow = concurrent_rounds(&bin, "1s", Duration::from_secs(1), ROUNDS_1S);
-    println!(
-        "  release --poll 1s   : {} ({ROUNDS_1S} concurrent)",
-        slow.line()
-    );
-    for (lat, flag) in measured.iter().zip(["100ms", "50ms"]) {
-        let ratio = slow.p95().as_secs_f64() / lat.p95().as_secs_f64().max(1e-6);
-        let (goal, verdict) = if flag == "100ms" {
-            let v = if lat.p95() <= GOAL_RELEASE_P95 && lat.failed == 0 {
-                "MET"
-            } else {
-                "MISSED"
-            };
-            ("<= 150 ms".to_owned(), v.to_owned())
-        } else {
-            ("(knob)".to_owned(), "-".to_owned())
-        };
-        rows.push((
-            format!("hook release p95, --poll {flag}"),
-            format!("{:.0} ms ({ratio:.1}x faster than 1s poll)", ms(lat.p95())),
-            goal,
-            verdict,
-        ));
-    }
-    rows.push((
-        "hook release p95, --poll 1s (Istio/EG)".to_owned(),
-        format!("{:.0} ms", ms(slow.p95())),
-        "reference".to_owned(),
-        "-".to_owned(),
-    ));
-
-    rows.push(event_driven_release(&bin));
-    rows.extend(api_flood(&bin));
-
-    let footprint = footprint(&bin);
-    for f in &footprint {
+    if wanted("release") {
+        let mut measured = Vec::new();
+        for (flag, poll) in fast {
+            let lat = sequential_rounds(&bin, flag, poll);
+            println!("  release --poll {flag:<5}: {}", lat.line());
+            measured.push(lat);
+        }
+        let slow = concurrent_rounds(&bin, "1s", Duration::from_secs(1), ROUNDS_1S);
         println!(
-            "  footprint {:<11}: binary {:>9}, idle VmRSS {} (RssAnon {}), {}",
-            f.label,
-            mib_bytes(f.size),
-            kib(f.rss),
-            kib(f.anon),
-            f.path.display()
+            "  release --poll 1s   : {} ({ROUNDS_1S} concurrent)",
+            slow.line()
         );
-    }
-    let floor = footprint
-        .iter()
-        .find(|f| f.label.starts_with("hyper floor"));
-    for f in &footprint {
-        let ratio = floor.map(|fl| f.rss as f64 / fl.rss.max(1) as f64);
-        let (goal, verdict) = match (f.label.starts_with("sidecar"), ratio) {
-            (true, Some(r)) if r <= GOAL_FLOOR_RATIO => ("<= 1.5x floor", "MET"),
-            (true, Some(_)) => ("<= 1.5x floor", "MISSED"),
-            (true, None) => ("<= 1.5x floor", "n/a (no floor)"),
-            _ => ("-", "-"),
-        };
+        for (lat, flag) in measured.iter().zip(["100ms", "50ms"]) {
+            let ratio = slow.p95().as_secs_f64() / lat.p95().as_secs_f64().max(1e-6);
+            let (goal, verdict) = if flag == "100ms" {
+                let v = if lat.p95() <= GOAL_RELEASE_P95 && lat.failed == 0 {
+                    "MET"
+                } else {
+                    "MISSED"
+                };
+                ("<= 150 ms".to_owned(), v.to_owned())
+            } else {
+                ("(knob)".to_owned(), "-".to_owned())
+            };
+            rows.push((
+                format!("hook release p95, --poll {flag}"),
+                format!("{:.0} ms ({ratio:.1}x faster than 1s poll)", ms(lat.p95())),
+                goal,
+                verdict,
+            ));
+        }
         rows.push((
-            format!("idle RSS, {}", f.label),
-            match ratio {
-                Some(r) => format!("{} ({r:.2}x floor), {}", kib(f.rss), mib_bytes(f.size)),
-                None => format!("{}, {}", kib(f.rss), mib_bytes(f.size)),
-            },
-            goal.to_owned(),
-            verdict.to_owned(),
+            "hook release p95, --poll 1s (Istio/EG)".to_owned(),
+            format!("{:.0} ms", ms(slow.p95())),
+            "reference".to_owned(),
+            "-".to_owned(),
         ));
     }
 
-    let echo_bin = echo_binary(&bin);
-    let mem = memory(&bin, &echo_bin);
-    println!(
-        "  idle VmRSS {}: RssAnon {} (the agent's own memory) + {} file-backed (binary pages, shared page cache)",
-        kib(mem.idle),
-        kib(mem.idle_anon),
-        kib(mem.idle.saturating_sub(mem.idle_anon))
-    );
-    println!(
-        "  memory: idle VmRSS {} | {} sessions connected VmRSS {} | draining max VmRSS {} | after drain VmRSS {}, VmHWM {}",
-        kib(mem.idle),
-        mem.sessions,
-        kib(mem.connected),
-        kib(mem.draining_max),
-        kib(mem.after),
-        kib(mem.hwm)
-    );
-    println!(
-        "  drain of {}: {} in {:.1} s, {} clients saw close code 1012",
-        mem.sessions, mem.outcome, mem.drain_secs, mem.got_1012
-    );
-    let idle_verdict = match (mem.idle <= GOAL_IDLE_RSS_KIB, debug) {
-        (true, false) => "MET",
-        (false, false) => "MISSED",
-        (true, true) => "MET (debug build)",
-        (false, true) => "n/a (debug build)",
-    };
-    rows.push((
-        "agent idle RSS".to_owned(),
-        kib(mem.idle),
-        "<= 5 MiB".to_owned(),
-        idle_verdict.to_owned(),
-    ));
-    rows.push((
-        "agent idle RssAnon (without binary pages)".to_owned(),
-        kib(mem.idle_anon),
-        "-".to_owned(),
-        "-".to_owned(),
-    ));
-    rows.push((
-        format!("agent RSS while draining {} sessions", mem.sessions),
-        kib(mem.draining_max),
-        "-".to_owned(),
-        "-".to_owned(),
-    ));
-    rows.push((
-        "agent peak RSS (VmHWM) after the drain".to_owned(),
-        kib(mem.hwm),
-        "-".to_owned(),
-        "-".to_owned(),
-    ));
+    if wanted("event") {
+        rows.push(event_driven_release(&bin));
+    }
+    if wanted("flood") {
+        rows.extend(api_flood(&bin));
+    }
+
+    if wanted("footprint") {
+        let footprint = footprint(&bin);
+        for f in &footprint {
+            println!(
+                "  footprint {:<11}: binary {:>9}, idle VmRSS {} (RssAnon {}), {}",
+                f.label,
+                mib_bytes(f.size),
+                kib(f.rss),
+                kib(f.anon),
+                f.path.display()
+            );
+        }
+        let floor = footprint
+            .iter()
+            .find(|f| f.label.starts_with("hyper floor"));
+        for f in &footprint {
+            let ratio = floor.map(|fl| f.rss as f64 / fl.rss.max(1) as f64);
+            let (goal, verdict) = match (f.label.starts_with("sidecar"), ratio) {
+                (true, Some(r)) if r <= GOAL_FLOOR_RATIO => ("<= 1.5x floor", "MET"),
+                (true, Some(_)) => ("<= 1.5x floor", "MISSED"),
+                (true, None) => ("<= 1.5x floor", "n/a (no floor)"),
+                _ => ("-", "-"),
+            };
+            rows.push((
+                format!("idle RSS, {}", f.label),
+                match ratio {
+                    Some(r) => format!("{} ({r:.2}x floor), {}", kib(f.rss), mib_bytes(f.size)),
+                    None => format!("{}, {}", kib(f.rss), mib_bytes(f.size)),
+                },
+                goal.to_owned(),
+                verdict.to_owned(),
+            ));
+        }
+    }
+
+    if wanted("memory") {
+        let echo_bin = echo_binary(&bin);
+        let mem = memory(&bin, &echo_bin);
+        println!(
+            "  idle VmRSS {}: RssAnon {} (the agent's own memory) + {} file-backed (binary pages, shared page cache)",
+            kib(mem.idle),
+            kib(mem.idle_anon),
+            kib(mem.idle.saturating_sub(mem.idle_anon))
+        );
+        println!(
+            "  memory: idle VmRSS {} | {} sessions connected VmRSS {} | draining max VmRSS {} | after drain VmRSS {}, VmHWM {}",
+            kib(mem.idle),
+            mem.sessions,
+            kib(mem.connected),
+            kib(mem.draining_max),
+            kib(mem.after),
+            kib(mem.hwm)
+        );
+        println!(
+            "  drain of {}: {} in {:.1} s, {} clients saw close code 1012",
+            mem.sessions, mem.outcome, mem.drain_secs, mem.got_1012
+        );
+        let idle_verdict = match (mem.idle <= GOAL_IDLE_RSS_KIB, debug) {
+            (true, false) => "MET",
+            (false, false) => "MISSED",
+            (true, true) => "MET (debug build)",
+            (false, true) => "n/a (debug build)",
+        };
+        rows.push((
+            "agent idle RSS".to_owned(),
+            kib(mem.idle),
+            "<= 5 MiB".to_owned(),
+            idle_verdict.to_owned(),
+        ));
+        rows.push((
+            "agent idle RssAnon (without binary pages)".to_owned(),
+            kib(mem.idle_anon),
+            "-".to_owned(),
+            "-".to_owned(),
+        ));
+        rows.push((
+            format!("agent RSS while draining {} sessions", mem.sessions),
+            kib(mem.draining_max),
+            "-".to_owned(),
+            "-".to_owned(),
+        ));
+        rows.push((
+            "agent peak RSS (VmHWM) after the drain".to_owned(),
+            kib(mem.hwm),
+            "-".to_owned(),
+            "-".to_owned(),
+        ));
+    }
 
     println!();
     println!("{:<42} {:<36} {:<14} verdict", "figure", "value", "goal");
@@ -200,6 +213,13 @@ fn main() {
         started.elapsed(),
         machine()
     );
+}
+
+/// Whether `section` is measured: `WSDRAIN_BENCH_ONLY` lists the sections to run
+/// (`release`, `event`, `flood`, `footprint`, `memory`, comma-separated); unset runs all.
+fn wanted(section: &str) -> bool {
+    std::env::var("WSDRAIN_BENCH_ONLY")
+        .map_or(true, |only| only.split(',').any(|s| s.trim() == section))
 }
 
 /// A build with the echo app: `WSDRAIN_BENCH_FULL_BIN`, else the measured binary.
