@@ -75,9 +75,22 @@ fn filter(ports: &[u16], address: Option<IpAddr>) -> Filter {
     }
 }
 
-/// Both backends' snapshots; asserts they agree on the count.
+/// Both backends' snapshots; asserts they agree on the count, and that sock_diag's one
+/// walk for both families finds exactly what a dump per family finds.
 fn both(f: &Filter) -> (Snapshot, Snapshot) {
-    let nl = sockdiag::snapshot(f).expect("sock_diag snapshot");
+    let mut once = sockdiag::SockDiag::open().expect("sock_diag socket");
+    let nl = once.snapshot(f).expect("sock_diag snapshot");
+    assert!(
+        once.walks_once_for_both_families(),
+        "this kernel takes the one-walk request"
+    );
+    let mut each = sockdiag::SockDiag::open().expect("sock_diag socket");
+    each.dump_each_family();
+    assert_eq!(
+        each.snapshot(f).expect("per-family snapshot").ids,
+        nl.ids,
+        "one walk and a dump per family disagree for {f:?}"
+    );
     let pr = procfs::snapshot(f).expect("/proc snapshot");
     assert_eq!(
         nl.ids.len(),
@@ -321,4 +334,8 @@ fn count_without_capabilities() {
     assert_eq!(c.backend(), Backend::SockDiag);
     assert_eq!(c.snapshot().unwrap().ids.len(), 2);
     assert_eq!(procfs::snapshot(c.filter()).unwrap().ids.len(), 2);
+    // The one-walk request for both families needs no privilege either.
+    let mut once = sockdiag::SockDiag::open().unwrap();
+    assert_eq!(once.snapshot(c.filter()).unwrap().ids.len(), 2);
+    assert!(once.walks_once_for_both_families());
 }

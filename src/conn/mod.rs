@@ -60,9 +60,19 @@ pub struct Counter {
     inner: Inner,
 }
 
-/// Least time between two counts started by destroy notifications: a burst of closes
-/// becomes a few counts, while a lone close is counted at once.
-pub const MIN_RECOUNT: Duration = Duration::from_millis(5);
+/// Least time between the starts of two counts that destroy notifications ask for. The
+/// spacing is also at least twice the last count's own duration, so even a storm of
+/// closes on a pod with 10k connections leaves the agent counting at most half the time,
+/// while a lone close (or the last of a small burst) is counted within about a millisecond.
+pub const MIN_RECOUNT: Duration = Duration::from_millis(1);
+/// The spacing never grows past this, however slow a count was.
+pub const MAX_RECOUNT: Duration = Duration::from_millis(50);
+
+/// When the next notification-driven count may start, after one that started at `start`
+/// and took `took`.
+pub fn recount_at(start: tokio::time::Instant, took: Duration) -> tokio::time::Instant {
+    start + (took * 2).clamp(MIN_RECOUNT, MAX_RECOUNT)
+}
 
 /// The drain's session counter over sockets: one snapshot at a time, the blocking
 /// netlink or /proc read done off the async threads. Ids are sock_diag cookies or /proc
@@ -78,8 +88,8 @@ pub struct SocketCounter {
     destroyed: Option<watch::Receiver<u64>>,
     /// The generation seen when the last snapshot began.
     counted: Arc<AtomicU64>,
-    /// When the last snapshot began.
-    last_count: Arc<Mutex<tokio::time::Instant>>,
+    /// When the last snapshot began, and how long it took.
+    last_count: Arc<Mutex<(tokio::time::Instant, Duration)>>,
 }
 
 impl SocketCounter {
@@ -89,7 +99,7 @@ impl SocketCounter {
             inner: Arc::new(Mutex::new(counter)),
             destroyed: None,
             counted: Arc::new(AtomicU64::new(0)),
-            last_count: Arc::new(Mutex::new(tokio::time::Instant::now())),
+            last_count: Arc::new(Mutex::new((tokio::time::Instant::now(), Duration::ZERO))),
         }
     }
 
@@ -124,7 +134,9 @@ impl SessionCounter for SocketCounter {
             // Notifications from here on may not be in this snapshot: they count as new.
             self.counted.store(*rx.borrow(), Ordering::SeqCst);
         }
-        *lock(&self.last_count) = tokio::time::Instant::now();
+        let started = tokio::time::Instant::now();
+        *lock(&self.last_count) = (started, Duration::ZERO);
+        let last_count = self.last_count.clone();
         Box::pin(async move {
             let counted = tokio::task::spawn_blocking(move || {
                 // A poisoned lock only means a panicked count; the counter itself is fine.
@@ -132,6 +144,7 @@ impl SessionCounter for SocketCounter {
                 c.snapshot()
             })
             .await;
+            *lock(&last_count) = (started, started.elapsed());
             match counted {
                 Ok(Ok(snap)) => Ok(snap),
                 Ok(Err(e)) => Err(CountError(e.to_string())),
@@ -150,8 +163,8 @@ impl SessionCounter for SocketCounter {
                 // The watcher ended (its socket failed): the poll carries on alone.
                 std::future::pending::<()>().await;
             }
-            let earliest = *lock(&self.last_count) + MIN_RECOUNT;
-            tokio::time::sleep_until(earliest).await;
+            let (start, took) = *lock(&self.last_count);
+            tokio::time::sleep_until(recount_at(start, took)).await;
         })
     }
 }
@@ -248,6 +261,15 @@ mod tests {
             .await
             .expect("no wake-up after the app socket was destroyed");
         assert_eq!(counter.snapshot().await.unwrap().ids.len(), 0);
+    }
+
+    #[test]
+    fn recounts_are_spaced_by_twice_the_last_count_within_bounds() {
+        let t = tokio::time::Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(recount_at(t, Duration::from_micros(150)), t + MIN_RECOUNT);
+        assert_eq!(recount_at(t, ms(8)), t + ms(16));
+        assert_eq!(recount_at(t, Duration::from_secs(1)), t + MAX_RECOUNT);
     }
 
     /// Poll-only counters never wake on their own.
