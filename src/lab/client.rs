@@ -198,11 +198,7 @@ impl Client {
                 .await
                 {
                     Ok(Ok((ws, resp))) => {
-                        rec.pod = resp
-                            .headers()
-                            .get(POD_HEADER)
-                            .and_then(|v| v.to_str().ok())
-                            .map(str::to_owned);
+                        rec.pod = pod_of(&resp);
                         rec.opened_ms = self.ms();
                         rec.reconnect_ms = down_since.map(|d| d.elapsed().as_millis() as u64);
                         Some(self.session(ws, &mut rec, &mut seq, &mut resend).await)
@@ -381,11 +377,7 @@ impl Client {
             .ok()?;
         let mut rec = ConnRecord {
             client: self.id,
-            pod: resp
-                .headers()
-                .get(POD_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
+            pod: pod_of(&resp),
             opened_ms: self.ms(),
             reconnect_ms: down_since.map(|d| d.elapsed().as_millis() as u64),
             ..Default::default()
@@ -457,6 +449,14 @@ impl Client {
         self.connected.fetch_sub(1, Ordering::Relaxed);
         Some(end)
     }
+}
+
+/// The ingress slot that served a WebSocket handshake (the `x-lab-pod` header).
+fn pod_of<B>(resp: &http::Response<B>) -> Option<String> {
+    resp.headers()
+        .get(POD_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 fn parse_seq(text: &str) -> Option<u64> {
