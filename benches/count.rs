@@ -180,6 +180,12 @@ fn bench() {
     };
     let (t_nl0, n_nl0) = median_ms(|| nl.snapshot(&empty).expect("sock_diag").ids.len());
     let (t_pr0, n_pr0) = median_ms(|| procfs::snapshot(&empty).expect("/proc").ids.len());
+    // What a kernel without the one-walk request costs: a dump per family.
+    let mut each = sockdiag::SockDiag::open().expect("sock_diag socket");
+    each.dump_each_family();
+    let (t_each, n_each) = median_ms(|| each.snapshot(&filter).expect("sock_diag").ids.len());
+    let (t_each0, _) = median_ms(|| each.snapshot(&empty).expect("sock_diag").ids.len());
+    let one_walk = nl.walks_once_for_both_families();
 
     let sockets = std::fs::read_to_string("/proc/net/tcp")
         .map(|t| t.lines().count().saturating_sub(1))
@@ -203,11 +209,16 @@ fn bench() {
         println!("{name:<44} {ms:>9.2} {:>7.1}x {n:>7}", ms / base);
     };
     row(
-        "sock_diag, port in request (reused socket)",
+        if one_walk {
+            "sock_diag, port in request, one walk (agent)"
+        } else {
+            "sock_diag, port in request (one walk refused)"
+        },
         t_nl,
         t_nl,
         n_nl,
     );
+    row("sock_diag, a dump per family", t_each, t_nl, n_each);
     row("/proc/net/tcp + tcp6 parse", t_pr, t_nl, n_pr);
     row(
         "ss -Htn state established (incl. fork+exec)",
@@ -216,6 +227,7 @@ fn bench() {
         n_ss,
     );
     row("sock_diag, port with no connections", t_nl0, t_nl, n_nl0);
+    row("sock_diag per family, no connections", t_each0, t_nl, 0);
     row("/proc parse, port with no connections", t_pr0, t_nl, n_pr0);
     let agree = n_nl == n_pr && n_pr == n_ss && n_nl == CONNS;
     println!(
