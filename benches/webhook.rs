@@ -11,6 +11,10 @@
 //! connections holding every connection slot: the webhook must evict the quietest and
 //! answer within the goal (1 s; the API server gives up after 5 s).
 
+#[path = "../tests/common/bench.rs"]
+#[allow(dead_code)]
+mod bench;
+
 use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -401,15 +405,7 @@ fn report(mut run: Run, rate: u64, secs: u64, conns: usize) {
             mean.as_secs_f64() * 1e3
         );
     }
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!(
-        "  machine     {} cpus, load average {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    println!("  machine     {}", bench::machine());
     let verdict = if p99 <= GOAL_P99 && run.errors == 0 {
         "MET"
     } else {
