@@ -280,7 +280,7 @@ impl Pod {
             slot: self.slot.clone(),
             ..Default::default()
         };
-        let ms = |t0: Instant| t0.elapsed().as_millis() as u64;
+        let ms = |d: Duration| d.as_millis() as u64;
         let (events, mut rx) = mpsc::channel::<(Event, Option<(u16, String)>)>(8);
         for (i, p) in procs.iter().enumerate() {
             let mut exit = p.exit_watch();
@@ -291,16 +291,19 @@ impl Pod {
             });
         }
         let (mut term, mut actions) = Termination::start(spec);
-        // t0 is the kubelet's start of termination: after the lab's own bookkeeping, so
-        // the first actions (SIGTERM to a classic sidecar) are at 0 ms, as in a cluster.
+        // t0 is the kubelet's start of termination, after the lab's own bookkeeping: the
+        // first actions (SIGTERM to a classic sidecar) are decided at 0 ms, as in a cluster.
         let t0 = Instant::now();
+        // When the kubelet decided the actions at hand. Reports record it, so that the
+        // lab's own delay in carrying them out is not mistaken for the kubelet's order.
+        let mut decided = Duration::ZERO;
         // Bound the loop: the kubelet would be done by grace + 2 s; allow slack.
         let hard_end = t0 + t.grace + Duration::from_secs(10);
         loop {
             for a in actions.drain(..) {
                 match a {
                     Action::RemoveEndpoint => {
-                        report.endpoint_removed_ms = Some(ms(t0));
+                        report.endpoint_removed_ms = Some(ms(decided));
                         if let Some(slot) = &self.slot
                             && let Err(e) = ingress.remove(slot).await
                         {
@@ -321,7 +324,9 @@ impl Pod {
                         });
                     }
                     Action::Term(i) => {
-                        report.term_ms.push((containers[i].name.clone(), ms(t0)));
+                        report
+                            .term_ms
+                            .push((containers[i].name.clone(), ms(decided)));
                         procs[i].signal(Signal::SIGTERM);
                     }
                     Action::Kill(i) => {
@@ -348,8 +353,9 @@ impl Pod {
             tokio::select! {
                 got = rx.recv() => {
                     let Some((ev, answer)) = got else { break };
+                    decided = t0.elapsed();
                     if let Event::HookDone(_) = ev {
-                        report.hook_ms = Some(ms(t0));
+                        report.hook_ms = Some(ms(decided));
                         if let Some((status, body)) = answer {
                             report.hook_status = Some(status);
                             report.drain_outcome = serde_json::from_str::<serde_json::Value>(&body)
@@ -358,16 +364,17 @@ impl Pod {
                         }
                     }
                     if let Event::Exited(i) = ev {
-                        report.exit_ms.push((containers[i].name.clone(), ms(t0)));
+                        report.exit_ms.push((containers[i].name.clone(), ms(decided)));
                     }
-                    actions = term.on_event(t0.elapsed(), ev);
+                    actions = term.on_event(decided, ev);
                 }
                 _ = tokio::time::sleep_until(wake.into()) => {
-                    actions = term.on_time(t0.elapsed());
+                    decided = t0.elapsed();
+                    actions = term.on_time(decided);
                 }
             }
         }
-        report.total_ms = ms(t0);
+        report.total_ms = ms(t0.elapsed());
         report
     }
 
