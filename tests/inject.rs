@@ -257,25 +257,9 @@ fn tokens_end_up_in_hook_and_agent() {
 }
 
 fn run_inject(input: &[u8], extra: &[&str], envs: &[(&str, &str)]) -> (String, String) {
-    use std::io::Write;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsdrain"));
-    cmd.args(["inject", "-f", "-"]).args(extra);
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    let out = child.wait_with_output().unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    );
-    assert!(out.status.success(), "inject failed: {stderr}");
+    let args: Vec<&str> = ["inject", "-f", "-"].iter().chain(extra).copied().collect();
+    let (ok, stdout, stderr) = run_wsdrain_with(&args, input, envs);
+    assert!(ok, "inject failed: {stderr}");
     (stdout, stderr)
 }
 
@@ -368,9 +352,19 @@ fn cli_injects_only_pod_templates() {
 }
 
 fn run_wsdrain(args: &[&str], input: &[u8]) -> (bool, String, String) {
+    run_wsdrain_with(args, input, &[])
+}
+
+/// Runs `wsdrain ARGS` with `input` on stdin: (success, stdout, stderr).
+fn run_wsdrain_with(
+    args: &[&str],
+    input: &[u8],
+    envs: &[(&str, &str)],
+) -> (bool, String, String) {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_wsdrain"))
         .args(args)
+        .envs(envs.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
