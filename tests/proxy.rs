@@ -189,6 +189,17 @@ async fn echo_client(proxy: SocketAddr, i: usize) -> Ws {
 
 /// The close frame a client got (code, reason), reading past any data first; then
 /// reads on so tungstenite sends its answer, until the server ends the TCP connection.
+/// A session the trouble elsewhere must not touch still gets its echo.
+async fn assert_still_echoed(ws: &mut Ws) {
+    ws.send(Message::text("still here")).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, Message::text("still here"));
+}
+
 async fn close_seen(ws: &mut Ws) -> (u16, String) {
     let seen = loop {
         match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
@@ -553,13 +564,7 @@ async fn bad_frames_close_only_their_session_with_1002_to_the_sender() {
     assert_eq!(app.closes.lock().unwrap().clone(), vec![1001; 3]);
 
     // The good session never noticed.
-    good.send(Message::text("still here")).await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(5), good.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(got, Message::text("still here"));
+    assert_still_echoed(&mut good).await;
 
     // Garbage from the app: the client gets 1011, the app 1002.
     let bad_app = start_app(Behaviour::Garbage).await;
@@ -1063,11 +1068,5 @@ async fn random_garbage_from_clients_ends_only_those_sessions() {
         || table.len() == 1,
     )
     .await;
-    good.send(Message::text("still here")).await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(5), good.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(got, Message::text("still here"));
+    assert_still_echoed(&mut good).await;
 }
