@@ -269,6 +269,24 @@ fn release(rt: &tokio::runtime::Runtime, bin: &Path, ip: IpAddr, app: SocketAddr
     );
 }
 
+/// `wsdrain agent --proxy listen=app` on `ip`, its API on a free port of its own (quiet
+/// logs, no Kubernetes): the command, to add flags to, and the API address.
+fn proxy_agent(
+    bin: &Path,
+    ip: IpAddr,
+    listen: SocketAddr,
+    app: SocketAddr,
+) -> (Command, SocketAddr) {
+    let api = SocketAddr::new(ip, free_port(ip));
+    let mut cmd = Command::new(bin);
+    cmd.arg("agent")
+        .args(["--proxy", &format!("{listen}={app}")])
+        .args(["--listen", &api.to_string(), "--address", &ip.to_string()])
+        .args(["--no-kube", "--termination-log", "", "--log-format", "text"])
+        .env("RUST_LOG", "warn");
+    (cmd, api)
+}
+
 async fn release_round(
     bin: &Path,
     ip: IpAddr,
@@ -276,29 +294,23 @@ async fn release_round(
     core: Option<&str>,
 ) -> Option<Duration> {
     let listen = SocketAddr::new(ip, free_port(ip));
-    let api = SocketAddr::new(ip, free_port(ip));
-    let mut cmd = Command::new(bin);
-    cmd.arg("agent")
-        .args(["--proxy", &format!("{listen}={app}")])
-        .args(["--listen", &api.to_string(), "--address", &ip.to_string()])
-        .args(["--no-kube", "--termination-log", "", "--log-format", "text"])
-        .args([
-            "--settle-min",
-            "200ms",
-            "--settle-quiet",
-            "100ms",
-            "--settle-max",
-            "1s",
-        ])
-        .args([
-            "--close-window",
-            "300ms",
-            "--close-tick",
-            "50ms",
-            "--drain-timeout",
-            "10s",
-        ])
-        .env("RUST_LOG", "warn");
+    let (mut cmd, api) = proxy_agent(bin, ip, listen, app);
+    cmd.args([
+        "--settle-min",
+        "200ms",
+        "--settle-quiet",
+        "100ms",
+        "--settle-max",
+        "1s",
+    ])
+    .args([
+        "--close-window",
+        "300ms",
+        "--close-tick",
+        "50ms",
+        "--drain-timeout",
+        "10s",
+    ]);
     let _agent = spawn("wsdrain", core, &mut cmd);
     let end = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect_timeout(&api, Duration::from_millis(100)).is_err() {
@@ -350,16 +362,7 @@ fn start(
     let listen = SocketAddr::new(ip, free_port(ip));
     let proc = match target {
         Target::Direct => return Ok((None, app)),
-        Target::Wsdrain => {
-            let api = SocketAddr::new(ip, free_port(ip));
-            let mut cmd = Command::new(bin);
-            cmd.arg("agent")
-                .args(["--proxy", &format!("{listen}={app}")])
-                .args(["--listen", &api.to_string(), "--address", &ip.to_string()])
-                .args(["--no-kube", "--termination-log", "", "--log-format", "text"])
-                .env("RUST_LOG", "warn");
-            spawn("wsdrain", core, &mut cmd)
-        }
+        Target::Wsdrain => spawn("wsdrain", core, &mut proxy_agent(bin, ip, listen, app).0),
         Target::Haproxy => {
             let cfg = dir.join("haproxy.cfg");
             std::fs::write(

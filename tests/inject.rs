@@ -356,11 +356,7 @@ fn run_wsdrain(args: &[&str], input: &[u8]) -> (bool, String, String) {
 }
 
 /// Runs `wsdrain ARGS` with `input` on stdin: (success, stdout, stderr).
-fn run_wsdrain_with(
-    args: &[&str],
-    input: &[u8],
-    envs: &[(&str, &str)],
-) -> (bool, String, String) {
+fn run_wsdrain_with(args: &[&str], input: &[u8], envs: &[(&str, &str)]) -> (bool, String, String) {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_wsdrain"))
         .args(args)
