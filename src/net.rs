@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, UPGRADE};
 use hyper::{Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -35,6 +35,27 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Reply {
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
+}
+
+/// The comma-separated tokens of every `name` header, trimmed (`Connection: keep-alive,
+/// Upgrade` gives `keep-alive` and `Upgrade`).
+pub fn header_tokens<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+) -> impl Iterator<Item = &'a str> + 'a {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
+/// `Connection: upgrade` and `Upgrade: websocket`, in any case and among other tokens.
+pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    let has =
+        |name, token: &str| header_tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token));
+    has(&CONNECTION, "upgrade") && has(&UPGRADE, "websocket")
 }
 
 /// Pause after the first failed accept; doubled per failure in a row up to `MAX_ACCEPT_PAUSE`.

@@ -187,7 +187,8 @@ async fn serve_public(stream: TcpStream, app: Arc<App>) {
 }
 
 fn public_request(req: Request<Incoming>, app: Arc<App>) -> Response<Full<Bytes>> {
-    let mut resp = if is_websocket_upgrade(&req) {
+    let mut resp = if req.method() == Method::GET && crate::net::is_websocket_upgrade(req.headers())
+    {
         upgrade(req, app.clone())
     } else if req.method() == Method::GET && req.uri().path() == "/healthz" {
         text(StatusCode::OK, "ok\n")
@@ -202,21 +203,6 @@ fn public_request(req: Request<Incoming>, app: Arc<App>) -> Response<Full<Bytes>
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
-}
-
-fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
-    req.headers()
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
-fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {
-    req.method() == Method::GET
-        && header_has_token(req, header::CONNECTION, "upgrade")
-        && header_has_token(req, header::UPGRADE, "websocket")
 }
 
 /// Answers the RFC 6455 handshake with 101 and hands the upgraded socket to a session.

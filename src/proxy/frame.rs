@@ -11,7 +11,7 @@ use thiserror::Error;
 pub const MAX_HEADER: usize = 14;
 /// Control frames carry at most 125 bytes; a close reason at most 123 (after the code).
 pub const MAX_CONTROL_PAYLOAD: u64 = 125;
-pub const MAX_CLOSE_REASON: usize = 123;
+pub use crate::drain::hint::MAX_REASON_BYTES as MAX_CLOSE_REASON;
 
 pub const OP_CONTINUATION: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;

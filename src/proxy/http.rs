@@ -25,6 +25,7 @@ use tokio::net::TcpStream;
 
 use super::relay::{self, Ending, Peer, Side};
 use super::{Shared, Stats};
+use crate::net::{header_tokens, is_websocket_upgrade, text};
 
 type Body = Either<Incoming, Full<Bytes>>;
 
@@ -230,15 +231,11 @@ impl Conn {
     fn bad_gateway(&self, why: &str) -> Response<Body> {
         self.shared.stats.count(Stats::UPSTREAM_ERRORS);
         tracing::warn!(upstream = %self.upstream, peer = %self.peer, error = why, "app unreachable: 502");
-        let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(
-            b"wsdrain proxy: the app did not answer\n",
-        ))));
-        *resp.status_mut() = StatusCode::BAD_GATEWAY;
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        resp
+        text(
+            StatusCode::BAD_GATEWAY,
+            "wsdrain proxy: the app did not answer\n",
+        )
+        .map(Either::Right)
     }
 }
 
@@ -286,29 +283,11 @@ fn report(stats: &Stats, id: u64, peer: SocketAddr, ending: &Ending) {
     }
 }
 
-fn header_has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
-fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
-    header_has_token(headers, header::CONNECTION, "upgrade")
-        && header_has_token(headers, header::UPGRADE, "websocket")
-}
-
 /// Drops the headers that belong to one hop (RFC 9110 §7.6.1), including those the
 /// Connection header names; with `upgrade`, `Connection: upgrade` and `Upgrade` stay.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+    let named: Vec<HeaderName> = header_tokens(headers, &header::CONNECTION)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     let upgrade_value = headers.get(header::UPGRADE).cloned();
     for name in named {
