@@ -187,8 +187,6 @@ async fn echo_client(proxy: SocketAddr, i: usize) -> Ws {
     ws
 }
 
-/// The close frame a client got (code, reason), reading past any data first; then
-/// reads on so tungstenite sends its answer, until the server ends the TCP connection.
 /// A session the trouble elsewhere must not touch still gets its echo.
 async fn assert_still_echoed(ws: &mut Ws) {
     ws.send(Message::text("still here")).await.unwrap();
@@ -200,6 +198,8 @@ async fn assert_still_echoed(ws: &mut Ws) {
     assert_eq!(got, Message::text("still here"));
 }
 
+/// The close frame a client got (code, reason), reading past any data first; then
+/// reads on so tungstenite sends its answer, until the server ends the TCP connection.
 async fn close_seen(ws: &mut Ws) -> (u16, String) {
     let seen = loop {
         match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {

@@ -1006,7 +1006,6 @@ mod self_managed {
         .expect("material")
     }
 
-    /// The next request must be `method path`; returns its JSON body (Null if none).
     /// The webhook configuration read with `current` in both webhooks, then the patch
     /// that puts `bundle` into both (test-guarded), answered as applied.
     async fn expect_bundle_update(api: &mut Api, current: Option<&str>, bundle: &str) {
@@ -1040,6 +1039,7 @@ mod self_managed {
         assert!(api.as_mut().next_request().await.is_none(), "{why}");
     }
 
+    /// The next request must be `method path`; returns its JSON body (Null if none).
     async fn expect(
         handle: &mut Api,
         method: Method,

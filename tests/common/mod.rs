@@ -70,7 +70,6 @@ impl Proc {
         self.child.id() as i32
     }
 
-    /// Waits for the process to exit by itself, at most `limit`.
     /// Everything the exited process wrote to its piped stderr.
     #[allow(dead_code)]
     pub fn stderr(&mut self) -> String {
@@ -82,6 +81,7 @@ impl Proc {
         text
     }
 
+    /// Waits for the process to exit by itself, at most `limit`.
     pub fn wait_timeout(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let end = Instant::now() + limit;
         while Instant::now() < end {
