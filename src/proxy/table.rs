@@ -146,6 +146,7 @@ impl Table {
             .send_if_modified(|d| !std::mem::replace(d, true));
         let mut inner = self.lock();
         let mut asked = 0;
+        let mut open_sessions = inner.open_sessions;
         for entry in inner.entries.values_mut() {
             if asked == max {
                 break;
@@ -153,18 +154,15 @@ impl Table {
             if let Entry::WebSocket(slot) = entry
                 && let Some(tx) = slot.take()
             {
+                open_sessions -= 1;
                 // A failed send means the session just ended on its own: not counted.
                 if tx.send(order.clone()).is_ok() {
                     asked += 1;
                 }
             }
         }
-        inner.open_sessions = inner
-            .entries
-            .values()
-            .filter(|e| matches!(e, Entry::WebSocket(Some(_))))
-            .count() as u64;
-        (asked, inner.open_sessions)
+        inner.open_sessions = open_sessions;
+        (asked, open_sessions)
     }
 
     fn snapshot_ids(&self) -> Vec<u64> {
