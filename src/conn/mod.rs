@@ -88,8 +88,8 @@ pub struct SocketCounter {
     destroyed: Option<watch::Receiver<u64>>,
     /// The generation seen when the last snapshot began.
     counted: Arc<AtomicU64>,
-    /// When the last snapshot began, and how long it took.
-    last_count: Arc<Mutex<(tokio::time::Instant, Duration)>>,
+    /// The earliest a notification may start the next count (`recount_at` the last one).
+    next_recount: Arc<Mutex<tokio::time::Instant>>,
 }
 
 impl SocketCounter {
@@ -99,7 +99,7 @@ impl SocketCounter {
             inner: Arc::new(Mutex::new(counter)),
             destroyed: None,
             counted: Arc::new(AtomicU64::new(0)),
-            last_count: Arc::new(Mutex::new((tokio::time::Instant::now(), Duration::ZERO))),
+            next_recount: Arc::new(Mutex::new(tokio::time::Instant::now())),
         }
     }
 
@@ -135,8 +135,8 @@ impl SessionCounter for SocketCounter {
             self.counted.store(*rx.borrow(), Ordering::SeqCst);
         }
         let started = tokio::time::Instant::now();
-        *lock(&self.last_count) = (started, Duration::ZERO);
-        let last_count = self.last_count.clone();
+        *lock(&self.next_recount) = recount_at(started, Duration::ZERO);
+        let next_recount = self.next_recount.clone();
         Box::pin(async move {
             let counted = tokio::task::spawn_blocking(move || {
                 // A poisoned lock only means a panicked count; the counter itself is fine.
@@ -144,7 +144,7 @@ impl SessionCounter for SocketCounter {
                 c.snapshot()
             })
             .await;
-            *lock(&last_count) = (started, started.elapsed());
+            *lock(&next_recount) = recount_at(started, started.elapsed());
             match counted {
                 Ok(Ok(snap)) => Ok(snap),
                 Ok(Err(e)) => Err(CountError(e.to_string())),
@@ -163,8 +163,8 @@ impl SessionCounter for SocketCounter {
                 // The watcher ended (its socket failed): the poll carries on alone.
                 std::future::pending::<()>().await;
             }
-            let (start, took) = *lock(&self.last_count);
-            tokio::time::sleep_until(recount_at(start, took)).await;
+            let earliest = *lock(&self.next_recount);
+            tokio::time::sleep_until(earliest).await;
         })
     }
 }
