@@ -495,15 +495,12 @@ fn an_app_killed_mid_drain_reports_vanished_connections() {
         .collect();
 
     let hook = std::thread::spawn(move || http("GET", api, "/prestop", &[]));
-    let end = Instant::now() + Duration::from_secs(10);
-    while status(api)["status"]["sessions_closed"]
-        .as_u64()
-        .unwrap_or(0)
-        < 20
-    {
-        assert!(Instant::now() < end, "no sessions closed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_until("20 sessions closed", Duration::from_secs(10), || {
+        status(api)["status"]["sessions_closed"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 20
+    });
     let mut echo = echo;
     common::signal(echo.proc.pid(), nix::sys::signal::Signal::SIGKILL);
     echo.proc
