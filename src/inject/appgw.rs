@@ -49,11 +49,7 @@ fn backends(ingress: &Value) -> Vec<&str> {
 
 /// The pod template of a workload (the object itself for a Pod).
 fn template(object: &Value) -> Option<&Value> {
-    match text(object, "/kind")? {
-        "Pod" => Some(object),
-        "CronJob" => object.pointer("/spec/jobTemplate/spec/template"),
-        _ => object.pointer("/spec/template"),
-    }
+    object.pointer(super::cli::template_pointer(text(object, "/kind")?)?)
 }
 
 /// One warning per (Ingress, Service, injected workload) found in `objects`.

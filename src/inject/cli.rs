@@ -185,7 +185,7 @@ fn read_limited(source: impl Read, name: &str) -> anyhow::Result<String> {
 }
 
 /// JSON Pointer of the pod template inside a workload of `kind`.
-fn template_pointer(kind: &str) -> Option<&'static str> {
+pub(super) fn template_pointer(kind: &str) -> Option<&'static str> {
     match kind {
         "Pod" => Some(""),
         "Deployment"

@@ -7,6 +7,9 @@ use crate::drain::report::{Notice, Outcome};
 
 /// `action` of every event: what the agent was doing to the pod.
 pub const ACTION: &str = "Drain";
+/// Reasons of the Events that end a drain; the webhook counts drains by them.
+pub const DRAIN_COMPLETED: &str = "DrainCompleted";
+pub const DRAIN_DEADLINE_EXCEEDED: &str = "DrainDeadlineExceeded";
 /// Event notes are limited to 1 KiB by the API server.
 const MAX_NOTE: usize = 1024;
 
@@ -40,7 +43,7 @@ pub fn event_for(notice: &Notice) -> Event {
             ),
             Outcome::Drained => (
                 EventType::Normal,
-                "DrainCompleted",
+                DRAIN_COMPLETED,
                 format!(
                     "Drained in {}: {} sessions closed, {} connections at start",
                     secs(s.duration_ms),
@@ -50,7 +53,7 @@ pub fn event_for(notice: &Notice) -> Event {
             ),
             Outcome::DeadlineExceeded => (
                 EventType::Warning,
-                "DrainDeadlineExceeded",
+                DRAIN_DEADLINE_EXCEEDED,
                 format!(
                     "Deadline passed after {} with {} connections remaining ({} at start, {} sessions closed, {} vanished without a close)",
                     secs(s.duration_ms),

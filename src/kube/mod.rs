@@ -5,7 +5,7 @@
 //! kind with the RBAC it needs, and turned into "no information" so that the drain
 //! timeline is the same as with the API off.
 
-mod events;
+pub mod events;
 mod failures;
 mod kill_time;
 mod termination;

@@ -23,8 +23,8 @@ use crate::kube::REPORTING_CONTROLLER;
 /// The outcome label for an Event reason; None for reasons that are not a finished drain.
 pub fn outcome_of(reason: &str) -> Option<&'static str> {
     match reason {
-        "DrainCompleted" => Some("drained"),
-        "DrainDeadlineExceeded" => Some("deadline_exceeded"),
+        crate::kube::events::DRAIN_COMPLETED => Some("drained"),
+        crate::kube::events::DRAIN_DEADLINE_EXCEEDED => Some("deadline_exceeded"),
         _ => None,
     }
 }

@@ -18,7 +18,6 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use x509_parser::extensions::GeneralName;
 
-const DAY: Duration = Duration::from_secs(24 * 3600);
 pub const CA_LIFETIME: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
 /// Longer than a serving certificate lives, so that one signed by the old CA expires
 /// before the old CA leaves the bundle.
@@ -302,19 +301,16 @@ pub fn renew(
     Ok(next)
 }
 
-/// When the serving certificate in `m` stops being fresh: for logs.
-pub fn leaf_not_after(m: &Material) -> Option<SystemTime> {
-    parse_chain(&m.tls_cert).first().map(|c| c.not_after)
-}
-
-/// Days, for log lines.
-pub fn days(d: Duration) -> u64 {
-    d.as_secs() / DAY.as_secs()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    /// When the serving certificate in `m` stops being fresh.
+    fn leaf_not_after(m: &Material) -> Option<SystemTime> {
+        parse_chain(&m.tls_cert).first().map(|c| c.not_after)
+    }
 
     const SANS: &[&str] = &["wsdrain-webhook.wsdrain.svc", "127.0.0.1"];
 
