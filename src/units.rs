@@ -79,6 +79,16 @@ pub fn check_close_code(code: u16) -> Result<(), String> {
     }
 }
 
+/// An RFC 1035 label, as Kubernetes names Services: 1–63 lower-case letters, digits and
+/// `-`, starting with a letter and not ending with `-`.
+pub fn is_dns_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.starts_with(|c: char| c.is_ascii_lowercase())
+        && !s.ends_with('-')
+}
+
 /// An admin API base URL: `http://HOST:PORT[/prefix]`, trailing `/` dropped. Used by the
 /// agent (`--admin-url`) and the injector (`wsdrain.io/admin-url`).
 pub fn parse_admin_url(raw: &str) -> Result<hyper::Uri, String> {

@@ -3,8 +3,8 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use crate::agent::config::ConfigError;
-use crate::units::{format_duration, parse_duration};
+use crate::agent::config::{ConfigError, invalid};
+use crate::units::{format_duration, is_dns_label, parse_duration};
 
 use super::budget::Budget;
 use super::rebalance::Settings;
@@ -61,23 +61,9 @@ pub struct FleetArgs {
     pub pod_ip: Option<IpAddr>,
 }
 
-fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field,
-        reason: reason.into(),
-    }
-}
-
 /// A Service name: an RFC 1035 label.
 fn check_service(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && !name.ends_with('-')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if ok {
+    if is_dns_label(name) {
         Ok(())
     } else {
         Err(format!(

@@ -321,7 +321,7 @@ impl Options {
             .transpose()?;
         let service = get("service")?
             .map(|raw| {
-                if is_dns_label(&raw) {
+                if crate::units::is_dns_label(&raw) {
                     Ok(raw)
                 } else {
                     Err(bad(
@@ -400,15 +400,6 @@ fn parse_ports(raw: &str) -> Result<Vec<PortRef>, String> {
         }
     }
     Ok(out)
-}
-
-/// RFC 1035 label, as Kubernetes names Services.
-fn is_dns_label(s: &str) -> bool {
-    (1..=63).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && s.starts_with(|c: char| c.is_ascii_lowercase())
-        && !s.ends_with('-')
 }
 
 /// The value of a Kubernetes quantity (`50m`, `0.5`, `32Mi`, `1e3`, `1G`), or `None`
