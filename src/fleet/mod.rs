@@ -222,8 +222,10 @@ pub async fn run(cfg: FleetConfig, links: Links) {
             }
         }
         let running = rebalancing.as_ref().is_some_and(|h| !h.is_finished());
+        // A draining pod holds its sessions (`decide` says so at once): no count needed.
         if let Some(r) = rebalancer.as_mut()
             && !running
+            && !draining
             && let Some(own) = own_count(links.counter.as_ref()).await
         {
             let warmup = r.settings().warmup;
