@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::LabError;
-use super::client::{ClientOpts, Load};
+use super::client::Load;
 use super::pod::{Pod, http_get};
 use super::runner::Run;
 use super::scenario::{Scenario, Step};
@@ -241,11 +241,7 @@ impl Run<'_> {
     /// the autoscaler reads the agents' `wsdrain_connections` and scales with the HPA's
     /// formula (scale-downs wait for the stabilisation window, as the HPA's do).
     pub(super) async fn autoscale(&mut self, a: Autoscale) -> Result<(), LabError> {
-        let opts = ClientOpts {
-            front: self.ingress.front,
-            interval: self.cfg.interval,
-            ignore_close: false,
-        };
+        let opts = self.opts(false);
         let leaving = a.clients * 2 / 3;
         let staying = a.clients - leaving;
         let ramp = Duration::from_secs(6);

@@ -182,7 +182,7 @@ impl Run<'_> {
         }
     }
 
-    fn opts(&self, ignore_close: bool) -> ClientOpts {
+    pub(super) fn opts(&self, ignore_close: bool) -> ClientOpts {
         ClientOpts {
             front: self.ingress.front,
             interval: self.cfg.interval,

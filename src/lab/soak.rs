@@ -94,7 +94,7 @@ pub struct SoakReport {
 pub fn report(rounds: usize, summary: Summary) -> SoakReport {
     let s = &summary.samples;
     let ratio = match (s.get(1), s.last()) {
-        (Some(first), Some(last)) if first.agent_rss_kib > 0 && s.len() > 1 => {
+        (Some(first), Some(last)) if first.agent_rss_kib > 0 => {
             Some(last.agent_rss_kib as f64 / first.agent_rss_kib as f64)
         }
         _ => None,
