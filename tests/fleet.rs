@@ -279,6 +279,14 @@ impl DrainView for Drain {
     fn set_close_rate(&self, per_second: Option<f64>) {
         self.rates.lock().unwrap().push(per_second);
     }
+    /// What the agent's drain asks with the default settings: 1012 and the default hint.
+    fn close_request(&self, max: u64, after_ms: u64) -> CloseRequest {
+        CloseRequest {
+            max,
+            code: 1012,
+            reason: HintTemplate::default().render(after_ms).unwrap(),
+        }
+    }
 }
 
 /// Counts `open` sessions; closing removes them.
@@ -366,8 +374,6 @@ fn start_with(
         counter: app.clone(),
         closing: Some(Closing {
             closer: app.clone(),
-            code: 1012,
-            hint: HintTemplate::default(),
             reconnect_after: DelayRange {
                 min: Duration::ZERO,
                 max: Duration::from_secs(2),

@@ -181,8 +181,6 @@ fn fleet_links(
         counter,
         closing: drainer.closer().map(|closer| fleet::Closing {
             closer,
-            code: cfg.close_code,
-            hint: cfg.hint.clone(),
             reconnect_after: cfg.drain_settings().reconnect_after,
             tick: cfg.close_tick,
         }),

@@ -19,7 +19,6 @@ use hyper::Uri;
 use kube::runtime::events::{Event, EventType};
 use prometheus_client::metrics::counter::Counter;
 
-use crate::drain::hint::HintTemplate;
 use crate::drain::pacing::{batch_size, hint_delay};
 use crate::drain::runner::Drainer;
 use crate::drain::seams::{CloseRequest, SessionCloser, SessionCounter};
@@ -62,6 +61,9 @@ pub trait DrainView: Send + Sync + 'static {
     fn is_draining(&self) -> bool;
     /// Sessions per second this pod may close while draining; `None`: no limit.
     fn set_close_rate(&self, per_second: Option<f64>);
+    /// The drain's close request (code and hint) for `max` sessions and a reconnect
+    /// delay of `after_ms`: rebalancing closes look like the drain's.
+    fn close_request(&self, max: u64, after_ms: u64) -> CloseRequest;
 }
 
 impl DrainView for Drainer {
@@ -72,13 +74,15 @@ impl DrainView for Drainer {
     fn set_close_rate(&self, per_second: Option<f64>) {
         Drainer::set_close_rate(self, per_second);
     }
+
+    fn close_request(&self, max: u64, after_ms: u64) -> CloseRequest {
+        Drainer::close_request(self, max, after_ms)
+    }
 }
 
-/// How rebalancing closes go out: the drain's closer, close code, hint and tick.
+/// How rebalancing closes go out: the drain's closer, the hint's delay range and tick.
 pub struct Closing {
     pub closer: Arc<dyn SessionCloser>,
-    pub code: u16,
-    pub hint: HintTemplate,
     pub reconnect_after: DelayRange,
     pub tick: Duration,
 }
@@ -317,12 +321,7 @@ pub async fn close_paced(links: &Links, sessions: u64, window: Duration) -> u64 
         let elapsed = start.elapsed();
         let max = batch_size(left, window.saturating_sub(elapsed), c.tick).min(left);
         let after_ms = hint_delay(c.reconnect_after, elapsed, window).as_millis() as u64;
-        let reason = c.hint.render(after_ms).unwrap_or_default();
-        let req = CloseRequest {
-            max,
-            code: c.code,
-            reason,
-        };
+        let req = links.drain.close_request(max, after_ms);
         match tokio::time::timeout(c.closer.timeout(), c.closer.close(req)).await {
             Ok(Ok(reply)) => {
                 // The closer's numbers are input: never count more than was asked for.
